@@ -1,0 +1,38 @@
+// Torch-side helpers shared by the per-family glue files (included only by csrc/bindings.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#ifdef FASTKD_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "fastkd/common.h"
+
+namespace fastkd::glue {
+
+inline DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// Throws the CUDA error of a launch (status is a cudaError_t returned by a pure .cu launcher).
+inline void check_cuda_status(int status, const char* what) {
+#ifdef FASTKD_WITH_CUDA
+  TORCH_CHECK(status == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(status)));
+#else
+  TORCH_CHECK(status == 0, what, " failed");
+#endif
+}
+
+#ifdef FASTKD_WITH_CUDA
+inline void* current_stream(const at::Tensor& t) {
+  return static_cast<void*>(at::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+#endif
+
+}  // namespace fastkd::glue

@@ -1,0 +1,9 @@
+"""fastkd: fused knowledge-distillation losses for PyTorch (CUDA, Triton, CPU, reference)."""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from fastkd import functional
+from fastkd._backend import available_backends
+from fastkd.nn import KDLoss
+
+__version__ = "0.1.0"
+__all__ = ["KDLoss", "functional", "available_backends"]

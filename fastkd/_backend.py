@@ -1,0 +1,114 @@
+"""The one backend-selection mechanism shared by every fastkd loss.
+
+``backend="auto"`` picks, for the device of the inputs: the CUDA extension on CUDA tensors if it
+was built, else Triton on CUDA tensors, else the C++ CPU kernels on CPU tensors, else the pure
+PyTorch reference. A forced backend that cannot serve the inputs raises ``RuntimeError`` saying why;
+there is never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from fastkd import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_CHOICES = ("auto",) + BACKENDS
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on tensors of ``device``, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, but the inputs are on {device}"
+        return _ext.cpu_ext_reason()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, but the inputs are on {device}"
+        return _ext.cuda_ext_reason()
+    if backend == "triton":
+        why = _triton_import_reason()
+        if why is not None:
+            return why
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and _triton_interpret():
+            return None
+        return (f"the 'triton' backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+                f"set before triton is imported); the inputs are on {device}")
+    raise AssertionError(backend)
+
+
+def check_backend_name(backend) -> str:
+    if not isinstance(backend, str) or backend not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, implemented=BACKENDS) -> str:
+    """Return the concrete backend that will run for inputs on ``device``.
+
+    ``implemented`` lists the backends a particular loss provides (all four for the shipped
+    losses); forcing one outside it is a ``RuntimeError`` too.
+    """
+    check_backend_name(backend)
+    if backend == "auto":
+        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+        for name in order:
+            if name in implemented and _reason(name, device) is None:
+                return name
+        return "reference"
+    if backend not in implemented:
+        raise RuntimeError(f"backend={backend!r} is not implemented for this loss "
+                           f"(implemented: {', '.join(implemented)})")
+    why = _reason(backend, device)
+    if why is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def available_backends() -> dict:
+    """What was built and what can run here.
+
+    Returns a dict ``{backend: {"available": bool, "reason": str}}`` for ``cuda``, ``triton``,
+    ``cpu`` and ``reference``, plus ``"build"``: the build record written by ``setup.py``.
+    ``available`` is judged for this process (CUDA devices present, ``TRITON_INTERPRET``).
+    """
+    has_gpu = torch.cuda.is_available()
+    gpu = torch.device("cuda") if has_gpu else None
+    out = {}
+    for name in BACKENDS:
+        if name == "cpu":
+            why = _reason("cpu", torch.device("cpu"))
+        elif name == "reference":
+            why = None
+        elif has_gpu:
+            why = _reason(name, gpu)
+        else:
+            why = _ext.cuda_ext_reason() if name == "cuda" else _triton_import_reason()
+            why = why or "no CUDA device is visible to torch"
+            if name == "triton" and _triton_import_reason() is None and _triton_interpret():
+                why = None  # the interpreter runs Triton kernels on CPU tensors
+            elif name == "cuda" and _ext.cuda_ext_reason() is None:
+                why = "CUDA kernels are built, but no CUDA device is visible to torch"
+        out[name] = {"available": why is None, "reason": why or "ok"}
+    out["build"] = dict(_ext.BUILD_INFO)
+    return out

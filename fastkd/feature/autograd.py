@@ -1,0 +1,282 @@
+"""Feature KD: argument checks, backend dispatch and the autograd function over the fused kernels.
+
+With ``reduction="mean"``/``"sum"`` every fused backend (cuda, cpu, triton) computes the loss *and*
+the gradients for the student, the adapter weight and bias (and the teacher when it requires grad)
+in the forward call, chunk by chunk, so that no ``N x teacher_dim`` float32 tensor outlives a
+chunk; backward only scales the saved gradients by ``grad_output``. With ``reduction="none"`` the
+gradient of ``grad_W`` depends on the per-row ``grad_output``, which is unknown in forward: forward
+computes the row losses only (nothing but the inputs is saved) and backward re-runs the fused pass
+with the per-row weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastkd import _backend, _checks, _ext
+from fastkd.feature.reference import COSINE_EPS, LOSSES, feature_kd_reference  # noqa: F401
+
+LOSS_IDS = {"mse": 0, "cosine": 1}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Extension backends read NCHW maps in place with one GEMM per image over its H*W positions;
+# maps with fewer positions than this are transposed to a [N, C] copy first (thin GEMMs are slow).
+MIN_COLUMNS = 32
+_EXT_OP = "feature_kd_forward"
+
+
+def ext_has_feature_ops() -> bool:
+    """Whether the compiled extension fastkd._C provides the feature-KD kernels."""
+    return _ext._C is not None and hasattr(_ext._C, _EXT_OP)
+
+
+def _implemented() -> tuple:
+    if _ext._C is not None and not ext_has_feature_ops():
+        return ("triton", "reference")
+    return _backend.BACKENDS
+
+
+def check_channel_dim(channel_dim, ndim: int) -> int:
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+    if not -ndim <= channel_dim < ndim:
+        raise ValueError(f"channel_dim={channel_dim} is out of range for student_feat with "
+                         f"{ndim} dimensions")
+    return channel_dim % ndim
+
+
+def check_chunk_size(chunk_size) -> int:
+    """``None`` (auto) -> 0; otherwise a positive int (rows per chunk)."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def validate_inputs(student_feat, teacher_feat, weight, bias, channel_dim):
+    """Checks of SPEC §Errors that need no device data. Returns the normalised channel_dim."""
+    _checks.check_float_tensor("student_feat", student_feat)
+    _checks.check_float_tensor("teacher_feat", teacher_feat)
+    if weight is not None:
+        _checks.check_float_tensor("weight", weight)
+    if bias is not None:
+        _checks.check_float_tensor("bias", bias)
+    if student_feat.dim() < 1:
+        raise ValueError("student_feat must have at least one dimension (the channels)")
+    if teacher_feat.dim() != student_feat.dim():
+        raise ValueError(f"teacher_feat has {teacher_feat.dim()} dimensions but student_feat has "
+                         f"{student_feat.dim()}; they must have the same number")
+    cd = check_channel_dim(channel_dim, student_feat.dim())
+    s_shape, t_shape = list(student_feat.shape), list(teacher_feat.shape)
+    ds, dt = s_shape.pop(cd), t_shape.pop(cd)
+    if s_shape != t_shape:
+        raise ValueError(f"teacher_feat has shape {tuple(teacher_feat.shape)} and student_feat "
+                         f"{tuple(student_feat.shape)}: all dimensions other than "
+                         f"channel_dim={channel_dim} must match")
+    if ds < 1 or dt < 1:
+        raise ValueError(f"student_feat and teacher_feat need at least one channel along "
+                         f"channel_dim={channel_dim}, got {ds} and {dt}")
+    if weight is None:
+        if bias is not None:
+            raise ValueError("bias was given without weight: the bias belongs to the adapter")
+        if ds != dt:
+            raise ValueError(f"without an adapter (weight=None) student_feat and teacher_feat "
+                             f"need the same number of channels, got {ds} and {dt}")
+    else:
+        if weight.dim() != 2 or tuple(weight.shape) != (dt, ds):
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but must be "
+                             f"[teacher_dim, student_dim] = [{dt}, {ds}] (the channels of "
+                             f"teacher_feat and student_feat along channel_dim={channel_dim})")
+        if bias is not None and tuple(bias.shape) != (dt,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but must be [teacher_dim] = "
+                             f"[{dt}]")
+    _checks.check_same_device(student_feat=student_feat, teacher_feat=teacher_feat,
+                              weight=weight, bias=bias)
+    return cd
+
+
+def _as_pcq(x: torch.Tensor, cd: int) -> torch.Tensor:
+    """``[*pre, C, *post]`` -> ``[P, C, Q]`` (a view when the strides allow it)."""
+    pre = math.prod(x.shape[:cd])
+    post = math.prod(x.shape[cd + 1:])
+    return x.reshape(pre, x.shape[cd], post)
+
+
+class _Layout:
+    """How the inputs are handed to a kernel, and how its gradients go back to their shapes."""
+
+    def __init__(self, student, teacher, cd, backend):
+        self.s_shape, self.t_shape = student.shape, teacher.shape
+        x3, t3 = _as_pcq(student, cd), _as_pcq(teacher, cd)
+        p, _, q = x3.shape
+        self.transposed = backend != "triton" and 1 < q < MIN_COLUMNS
+        if self.transposed:
+            # Small maps: one [N, C] copy each (see MIN_COLUMNS).
+            x3 = x3.transpose(1, 2).reshape(p * q, -1, 1)
+            t3 = t3.transpose(1, 2).reshape(p * q, -1, 1)
+        self.p, self.q = p, q
+        self.x3, self.t3 = x3, t3
+
+    def restore(self, g3, shape):
+        if g3 is None:
+            return None
+        if self.transposed:
+            g3 = g3.view(self.p, self.q, -1).transpose(1, 2)
+        return g3.reshape(shape)
+
+
+def _kernel(backend):
+    if backend == "triton":
+        from fastkd.feature import triton_kernel
+        return triton_kernel.feature_kd_forward
+    return _ext._C.feature_kd_forward
+
+
+def _run(backend, layout, weight, bias, loss_id, scale, row_scale, compute_loss, needs, chunk):
+    need_x, need_t, need_w, need_b = needs
+    return _kernel(backend)(layout.x3, layout.t3, weight, bias, loss_id, float(scale), row_scale,
+                            compute_loss, need_x, need_w, need_b, need_t, chunk)
+
+
+class _FusedFeatureKD(torch.autograd.Function):
+    """Forward runs the chunked fused pass; see the module docstring for what backward does."""
+
+    @staticmethod
+    def forward(ctx, backend, loss, reduction, cd, chunk, grad_enabled, student, teacher,
+                weight, bias):
+        layout = _Layout(student, teacher, cd, backend)
+        rows = layout.x3.shape[0] * layout.x3.shape[2]
+        dt = layout.t3.shape[1]
+        lead = student.shape[:cd] + student.shape[cd + 1:]
+        loss_id = LOSS_IDS[loss]
+        needs = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[6:10])
+        ctx.backend, ctx.loss, ctx.reduction, ctx.cd, ctx.chunk = backend, loss, reduction, cd, chunk
+        ctx.consumed = False
+        if reduction == "none":
+            row_loss = _run(backend, layout, weight, bias, loss_id, 0.0, None, True,
+                            (False,) * 4, chunk)[0]
+            if any(needs):
+                ctx.save_for_backward(student, teacher, weight, bias)
+            out = row_loss / dt if loss == "mse" else row_loss
+            return out.reshape(lead)
+        count = rows * dt if loss == "mse" else rows
+        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        row_loss, gx, gw, gb, gt = _run(backend, layout, weight, bias, loss_id, scale, None,
+                                        True, needs, chunk)
+        ctx.save_for_backward(layout.restore(gx, student.shape),
+                              layout.restore(gt, teacher.shape), gw, gb)
+        ctx.param_dtypes = (None if weight is None else weight.dtype,
+                            None if bias is None else bias.dtype)
+        total = row_loss.sum(dtype=torch.float64)
+        return (total * scale).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            student, teacher, weight, bias = ctx.saved_tensors
+            layout = _Layout(student, teacher, ctx.cd, ctx.backend)
+            needs = tuple(bool(n) for n in ctx.needs_input_grad[6:10])
+            dt = layout.t3.shape[1]
+            row_scale = grad_output.reshape(-1).to(torch.float32).contiguous()
+            scale = 1.0 / dt if ctx.loss == "mse" else 1.0
+            _, gx, gw, gb, gt = _run(ctx.backend, layout, weight, bias, LOSS_IDS[ctx.loss],
+                                     scale, row_scale, False, needs, ctx.chunk)
+            gx = layout.restore(gx, student.shape)
+            gt = layout.restore(gt, teacher.shape)
+            gw = None if gw is None else gw.to(weight.dtype)
+            gb = None if gb is None else gb.to(bias.dtype)
+            return (None,) * 6 + (gx, gt, gw, gb)
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastkd feature KD loss: backward ran twice through the same graph. The fused "
+                "kernels compute the gradient once in the forward pass and scale it in place, so "
+                "retain_graph=True with a second backward is not supported; recompute the loss.")
+        ctx.consumed = True
+        gx, gt, gw, gb = ctx.saved_tensors
+        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+            scale = None  # the common case: loss.backward() on the reduced loss
+        else:
+            scale = grad_output.reshape(()).to(torch.float32)
+        out = []
+        for g in (gx, gt, gw, gb):
+            if g is not None and scale is not None:
+                g.mul_(scale)  # in place: no second N x C buffer
+            out.append(g)
+        w_dtype, b_dtype = ctx.param_dtypes
+        gx, gt, gw, gb = out
+        gw = None if gw is None else gw.to(w_dtype)
+        gb = None if gb is None else gb.to(b_dtype)
+        return (None,) * 6 + (gx, gt, gw, gb)
+
+
+def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss="mse",
+                    channel_dim=-1, reduction="mean", backend="auto", chunk_size=None):
+    r"""Feature distillation loss through a linear adapter (SPEC §2).
+
+    ``y = x W^T + b`` maps the student's channels (``channel_dim``) to the teacher's; every other
+    dimension is a row and must match between student and teacher. Then
+
+    - ``loss="mse"``: :math:`\frac{1}{N\,D_t}\sum (y - t)^2` over all elements (``"sum"``: the
+      sum; ``"none"``: per row, the **mean** over the teacher channels of :math:`(y - t)^2`, so
+      that the mean of the rows is the ``"mean"`` loss);
+    - ``loss="cosine"``: per row :math:`1 - \frac{y\cdot t}{\max(\|y\|\|t\|,\,10^{-8})}`, then
+      mean over rows (``"sum"``, ``"none"``: per row).
+
+    ``"none"`` returns the leading shape: the input shape without ``channel_dim``. A mean over
+    zero rows is 0 with zero gradient. With ``weight=None`` there is no adapter (``y = x``; the
+    channel counts must be equal).
+
+    Args:
+        student_feat: ``[*, D_s, *]`` float32/bfloat16/float16 student features (float64: reference
+            backend only), e.g. ``[N, D_s]`` tokens or ``[B, D_s, H, W]`` conv maps.
+        teacher_feat: same shape but ``D_t`` channels; gets a gradient if it requires grad.
+        weight: adapter weight ``[D_t, D_s]`` or None. bias: ``[D_t]`` or None.
+        loss: ``"mse"`` | ``"cosine"``. Default: ``"mse"``.
+        channel_dim: the channel dimension (``1`` for NCHW maps). Default: ``-1``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``"batchmean"`` = ``"mean"``).
+        backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        chunk_size: rows per chunk of the fused pass (None: about 4 MB of float32 ``y`` per chunk
+            on CPU, 64 MB on GPU). Only changes speed and peak memory, not the result.
+
+    Returns:
+        float32 scalar, or float32 per-row losses of the leading shape with ``"none"``.
+
+    Precision: all reductions and the ``grad_W``/``grad_b`` accumulators are float32. CPU: the
+    GEMMs run in float32 (half inputs are upcast chunk by chunk). CUDA/Triton: with bf16/fp16
+    student and weight the GEMMs run on tensor cores with float32 accumulation and output, and
+    ``dL/dy`` is rounded to bf16/fp16 before the two gradient GEMMs (as in ``nn.Linear``'s
+    backward; relative gradient error about 1e-3); float32 GEMMs follow torch's
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` setting
+    (TF32 tensor cores, 10-bit mantissa: about 1e-3 relative error on ``y``, when enabled; full
+    float32 by default).
+
+    Memory: no ``N x D_t`` float32 tensor outlives a chunk. ``"mean"``/``"sum"`` keep the
+    gradients (input-sized, in the inputs' dtypes; ``grad_W``, ``grad_b`` in float32) from forward
+    to backward; ``"none"`` keeps nothing but the inputs and recomputes in backward. Conv maps
+    (``channel_dim`` not last) are read in place, one GEMM per image over its ``H*W`` positions;
+    maps with fewer than 32 positions per image are first transposed to an ``[N, C]`` copy by the
+    cpu/cuda backends. Backward may run once per forward for ``"mean"``/``"sum"``.
+    """
+    loss = _checks.check_choice("loss", loss, LOSSES)
+    reduction = _checks.check_reduction(reduction)
+    backend = _backend.check_backend_name(backend)
+    chunk = check_chunk_size(chunk_size)
+    cd = validate_inputs(student_feat, teacher_feat, weight, bias, channel_dim)
+    device = student_feat.device
+    implemented = _implemented()
+    if backend in ("cpu", "cuda") and backend not in implemented:
+        raise RuntimeError(f"backend={backend!r} is unavailable: the extension fastkd._C was built "
+                           f"without the feature-KD kernels (rebuild fastkd)")
+    name = _backend.resolve_backend(backend, device, implemented)
+    tensors = [t for t in (student_feat, teacher_feat, weight, bias) if t is not None]
+    if name != "reference" and any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 tensors; "
+                               f"use backend='reference' for float64")
+        name = "reference"
+    if name == "reference":
+        return feature_kd_reference(student_feat, teacher_feat, weight, bias, loss=loss,
+                                    channel_dim=cd, reduction=reduction)
+    return _FusedFeatureKD.apply(name, loss, reduction, cd, chunk, torch.is_grad_enabled(),
+                                 student_feat, teacher_feat, weight, bias)

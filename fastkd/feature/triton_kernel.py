@@ -1,0 +1,314 @@
+"""Triton kernels of feature KD (SPEC §2).
+
+Rows are processed in chunks (about 64 MB of float32 ``dL/dy`` per chunk on GPU). Per chunk:
+
+1. ``_feature_fwd_kernel``: for a block of ``BM`` rows, sweeps the teacher channels tile by tile;
+   each ``[BM, BN]`` tile of ``y = x W^T + b`` is produced by ``tl.dot`` over the student channels
+   and immediately reduced against the teacher tile (row loss) and turned into ``dL/dy`` (and
+   ``dL/dt``). MSE needs one sweep; cosine stashes ``y`` in the chunk buffer during the first
+   sweep (row dot products and norms) and writes ``dL/dy`` over it in a second sweep.
+2. ``_feature_dx_kernel``: ``grad_x[chunk] = dL/dy W`` (``tl.dot`` tiles).
+3. ``_feature_dw_kernel``: ``grad_W += dL/dy^T x[chunk]`` and ``grad_b += colsum(dL/dy)``; each
+   program owns one ``[BN, BK]`` tile of the float32 ``grad_W`` and walks down the chunk's rows,
+   so there are no atomics and the result is deterministic.
+
+Rows are addressed as ``(p, q)`` in a ``[P, C, Q]`` view, so channel-last features (``Q = 1``) and
+NCHW maps (channel stride ``H*W``) are both read in place. ``tl.dot`` operands: bf16/fp16 when
+student and weight share that dtype (``dL/dy`` is rounded to it before the two gradient GEMMs, as
+``nn.Linear``'s backward does), else float32, computed in TF32 unless
+``torch.get_float32_matmul_precision() == "highest"`` (then full float32, ``"ieee"``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DOT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+COSINE_EPS = 1e-8
+
+
+@triton.jit
+def _cast(v, DOT: tl.constexpr):
+    if DOT == 1:
+        return v.to(tl.bfloat16)
+    elif DOT == 2:
+        return v.to(tl.float16)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _row_offsets(r, Q, s_p, s_q):
+    p = r // Q
+    q = r - p * Q
+    return p * s_p + q * s_q
+
+
+@triton.jit
+def _y_tile(x_ptr, x_row, sx_c, w_ptr, sw_n, sw_k, b_ptr, offs_n, n_mask, m_mask, Ds,
+            ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+            PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """[BM, BN] float32 tile of y = x W^T + b (or of x itself without an adapter)."""
+    if ADAPTER:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, Ds, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            k_mask = offs_k < Ds
+            xt = tl.load(x_ptr + x_row[:, None] + offs_k[None, :] * sx_c,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k,
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(_cast(xt, DOT), _cast(wt, DOT), acc, input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        return acc
+    else:
+        return tl.load(x_ptr + x_row[:, None] + offs_n[None, :] * sx_c,
+                       mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _feature_fwd_kernel(
+        x_ptr, sx_p, sx_c, sx_q, w_ptr, sw_n, sw_k, b_ptr, t_ptr, st_p, st_c, st_q,
+        loss_ptr, rs_ptr, gyrs_ptr, g_ptr, gx_ptr, sgx_p, sgx_c, sgx_q, gt_ptr, sgt_p, sgt_c, sgt_q,
+        r0, n_rows, Q, Ds, Dt, scale, gy_scale, eps,
+        LOSS: tl.constexpr, ADAPTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RS: tl.constexpr,
+        WRITE_LOSS: tl.constexpr, WRITE_G: tl.constexpr, WRITE_GX: tl.constexpr,
+        WRITE_GT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid * BM + tl.arange(0, BM)
+    m_mask = offs_m < n_rows
+    r = offs_m.to(tl.int64) + r0
+    x_row = _row_offsets(r, Q, sx_p, sx_q)
+    t_row = _row_offsets(r, Q, st_p, st_q)
+    gx_row = _row_offsets(r, Q, sgx_p, sgx_q)
+    gt_row = _row_offsets(r, Q, sgt_p, sgt_q)
+    # s: the true gradient scale (dL/dx without adapter, dL/dt); sy: the scale of the dL/dy
+    # buffer, kept O(1) for the half GEMMs (the rest is applied after them, see the caller).
+    if HAS_RS:
+        s = scale * tl.load(rs_ptr + r, mask=m_mask, other=0.0)
+        sy = gy_scale * tl.load(gyrs_ptr + r, mask=m_mask, other=0.0)
+    else:
+        s = tl.zeros([BM], dtype=tl.float32) + scale
+        sy = tl.zeros([BM], dtype=tl.float32) + gy_scale
+    acc0 = tl.zeros([BM], dtype=tl.float32)
+    acc1 = tl.zeros([BM], dtype=tl.float32)
+    acc2 = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(0, Dt, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_mask = offs_n < Dt
+        tm = m_mask[:, None] & n_mask[None, :]
+        y = _y_tile(x_ptr, x_row, sx_c, w_ptr, sw_n, sw_k, b_ptr, offs_n, n_mask, m_mask, Ds,
+                    ADAPTER, HAS_BIAS, DOT, PREC, BM, BN, BK)
+        tv = tl.load(t_ptr + t_row[:, None] + offs_n[None, :] * st_c, mask=tm,
+                     other=0.0).to(tl.float32)
+        if LOSS == 0:
+            d = tl.where(tm, y - tv, 0.0)
+            acc0 += tl.sum(d * d, axis=1)
+            if WRITE_G:
+                tl.store(g_ptr + offs_m[:, None] * Dt + offs_n[None, :], d * (2.0 * sy)[:, None],
+                         mask=tm)
+            if WRITE_GX or WRITE_GT:
+                g = d * (2.0 * s)[:, None]
+                if WRITE_GX:
+                    tl.store(gx_ptr + gx_row[:, None] + offs_n[None, :] * sgx_c, g, mask=tm)
+                if WRITE_GT:
+                    tl.store(gt_ptr + gt_row[:, None] + offs_n[None, :] * sgt_c, -g, mask=tm)
+        else:
+            y = tl.where(tm, y, 0.0)
+            acc0 += tl.sum(y * tv, axis=1)
+            acc1 += tl.sum(y * y, axis=1)
+            acc2 += tl.sum(tv * tv, axis=1)
+            if WRITE_G:  # stash y; the second sweep turns it into dL/dy
+                tl.store(g_ptr + offs_m[:, None] * Dt + offs_n[None, :], y, mask=tm)
+    if LOSS == 0:
+        if WRITE_LOSS:
+            tl.store(loss_ptr + r, acc0, mask=m_mask)
+    else:
+        norm = tl.sqrt(acc1) * tl.sqrt(acc2)
+        big = norm > eps
+        # Clamp active (|y||t| <= eps): cos = y.t / eps and the norms get no derivative.
+        inv = 1.0 / tl.where(big, norm, eps)
+        cos = acc0 * inv
+        ay = tl.where(big, cos / tl.where(big, acc1, 1.0), 0.0)
+        at = tl.where(big, cos / tl.where(big, acc2, 1.0), 0.0) * s
+        if WRITE_LOSS:
+            tl.store(loss_ptr + r, 1.0 - cos, mask=m_mask)
+        if WRITE_G or WRITE_GX or WRITE_GT:
+            for n0 in range(0, Dt, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                n_mask = offs_n < Dt
+                tm = m_mask[:, None] & n_mask[None, :]
+                if WRITE_G:
+                    y = tl.load(g_ptr + offs_m[:, None] * Dt + offs_n[None, :], mask=tm, other=0.0)
+                else:
+                    y = _y_tile(x_ptr, x_row, sx_c, w_ptr, sw_n, sw_k, b_ptr, offs_n, n_mask,
+                                m_mask, Ds, ADAPTER, HAS_BIAS, DOT, PREC, BM, BN, BK)
+                tv = tl.load(t_ptr + t_row[:, None] + offs_n[None, :] * st_c, mask=tm,
+                             other=0.0).to(tl.float32)
+                g = y * ay[:, None] - tv * inv[:, None]  # dL/dy before its scale
+                if WRITE_G:
+                    tl.store(g_ptr + offs_m[:, None] * Dt + offs_n[None, :], g * sy[:, None],
+                             mask=tm)
+                if WRITE_GX:
+                    tl.store(gx_ptr + gx_row[:, None] + offs_n[None, :] * sgx_c, g * s[:, None],
+                             mask=tm)
+                if WRITE_GT:
+                    gt = tv * at[:, None] - y * (inv * s)[:, None]
+                    tl.store(gt_ptr + gt_row[:, None] + offs_n[None, :] * sgt_c, gt, mask=tm)
+
+
+@triton.jit
+def _feature_dx_kernel(g_ptr, w_ptr, sw_n, sw_k, gx_ptr, sgx_p, sgx_c, sgx_q, m_ptr,
+                       r0, n_rows, Q, Ds, Dt, alpha,
+                       HAS_M: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < n_rows
+    r = offs_m.to(tl.int64) + r0
+    gx_row = _row_offsets(r, Q, sgx_p, sgx_q)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    k_mask = offs_k < Ds
+    acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for n0 in range(0, Dt, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_mask = offs_n < Dt
+        g = tl.load(g_ptr + offs_m[:, None] * Dt + offs_n[None, :],
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * sw_n + offs_k[None, :] * sw_k,
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(_cast(g, DOT), _cast(w, DOT), acc, input_precision=PREC)
+    acc = acc * alpha
+    if HAS_M:
+        acc = acc * tl.load(m_ptr)
+    tl.store(gx_ptr + gx_row[:, None] + offs_k[None, :] * sgx_c, acc,
+             mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def _feature_dw_kernel(g_ptr, x_ptr, sx_p, sx_c, sx_q, gw_ptr, gb_ptr,
+                       r0, n_rows, Q, Ds, Dt,
+                       NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < Dt
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    k_mask = offs_k < Ds
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    w_offs = offs_n[:, None] * Ds + offs_k[None, :]
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    bacc = tl.zeros([BN], dtype=tl.float32)
+    for m0 in range(0, n_rows, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        m_mask = offs_m < n_rows
+        g = tl.load(g_ptr + offs_m[:, None] * Dt + offs_n[None, :],
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if NEED_W:
+            r = offs_m.to(tl.int64) + r0
+            x_row = _row_offsets(r, Q, sx_p, sx_q)
+            xt = tl.load(x_ptr + x_row[:, None] + offs_k[None, :] * sx_c,
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(tl.trans(_cast(g, DOT)), _cast(xt, DOT), acc, input_precision=PREC)
+        if NEED_B:
+            bacc += tl.sum(g, axis=0)
+    if NEED_W:
+        acc += tl.load(gw_ptr + w_offs, mask=w_mask, other=0.0)
+        tl.store(gw_ptr + w_offs, acc, mask=w_mask)
+    if NEED_B:
+        if pid_k == 0:
+            bacc += tl.load(gb_ptr + offs_n, mask=n_mask, other=0.0)
+            tl.store(gb_ptr + offs_n, bacc, mask=n_mask)
+
+
+def _auto_chunk_rows(teacher_dim: int, interpret: bool) -> int:
+    if interpret:
+        return 4096
+    return max(256, (1 << 24) // max(teacher_dim, 1))
+
+
+def feature_kd_forward(x3, t3, weight, bias, loss_id: int, scale: float, row_scale,
+                       compute_loss: bool, need_x: bool, need_w: bool, need_b: bool,
+                       need_t: bool, chunk_rows: int = 0):
+    """Same contract as the extension's ``feature_kd_forward`` (see csrc/glue/feature.h).
+
+    ``x3``: ``[P, Ds, Q]``, ``t3``: ``[P, Dt, Q]`` (any strides); ``weight`` ``[Dt, Ds]`` and
+    ``bias`` ``[Dt]`` or None. Returns (raw row losses ``[P*Q]`` float32 or None, grad_x
+    ``[P, Ds, Q]``, grad_w ``[Dt, Ds]`` float32, grad_b ``[Dt]`` float32, grad_t ``[P, Dt, Q]``).
+    """
+    P, Ds, Q = x3.shape
+    Dt = t3.shape[1]
+    rows = P * Q
+    dev = x3.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    row_loss = torch.empty(rows, **f32) if compute_loss else None
+    grad_x = torch.empty((P, Ds, Q), dtype=x3.dtype, device=dev) if need_x else None
+    grad_t = torch.empty((P, Dt, Q), dtype=t3.dtype, device=dev) if need_t else None
+    grad_w = torch.zeros((Dt, Ds), **f32) if need_w else None
+    grad_b = torch.zeros(Dt, **f32) if need_b else None
+    if rows == 0:
+        return row_loss, grad_x, grad_w, grad_b, grad_t
+    adapter = weight is not None
+    dot = _DOT_CODES[x3.dtype] if adapter and weight.dtype == x3.dtype else 0
+    prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    interpret = dev.type != "cuda"
+    if interpret:
+        bm = bn = bk = 16
+        warps, stages = 1, 1
+    else:
+        bm, bn, bk = 64, 64, 32
+        warps, stages = 4, 3
+    chunk = chunk_rows if chunk_rows > 0 else _auto_chunk_rows(Dt, interpret)
+    chunk = min(chunk, rows)
+    need_gy = adapter and (need_x or need_w or need_b)
+    gbuf = torch.empty((chunk, Dt), **f32) if need_gy else None
+    rs = row_scale.to(torch.float32).contiguous() if row_scale is not None else None
+    # The dL/dy buffer is kept at O(1) magnitude: without `scale` (1/(N*D) for an MSE mean) and
+    # with the row scales divided by their largest magnitude (a device scalar, no host sync), so
+    # that rounding it to float16 for tl.dot cannot underflow; both factors are applied to the
+    # GEMM outputs instead.
+    rs_max = rs_norm = None
+    if rs is not None and need_gy:
+        rs_max = rs.abs().amax().clamp_min(1e-30).reshape(1)
+        rs_norm = rs / rs_max
+    dummy = x3
+    w = weight if adapter else dummy
+    sw = (weight.stride(0), weight.stride(1)) if adapter else (0, 0)
+    gx = grad_x if grad_x is not None else dummy
+    sgx = grad_x.stride() if grad_x is not None else (0, 0, 0)
+    gt = grad_t if grad_t is not None else dummy
+    sgt = grad_t.stride() if grad_t is not None else (0, 0, 0)
+    for r0 in range(0, rows, chunk):
+        rc = min(chunk, rows - r0)
+        _feature_fwd_kernel[(triton.cdiv(rc, bm),)](
+            x3, *x3.stride(), w, *sw, bias if bias is not None else dummy,
+            t3, *t3.stride(), row_loss if row_loss is not None else dummy,
+            rs if rs is not None else dummy, rs_norm if rs_norm is not None else dummy,
+            gbuf if gbuf is not None else dummy,
+            gx, *sgx, gt, *sgt, r0, rc, Q, Ds, Dt, float(scale), 1.0, COSINE_EPS,
+            LOSS=loss_id, ADAPTER=adapter, HAS_BIAS=bias is not None, HAS_RS=rs is not None,
+            WRITE_LOSS=compute_loss, WRITE_G=need_gy, WRITE_GX=need_x and not adapter,
+            WRITE_GT=need_t, DOT=dot, PREC=prec, BM=bm, BN=bn, BK=bk,
+            num_warps=warps, num_stages=stages)
+        if need_gy and need_x:
+            _feature_dx_kernel[(triton.cdiv(rc, bm), triton.cdiv(Ds, bk))](
+                gbuf, weight, *sw, grad_x, *sgx, rs_max if rs_max is not None else dummy,
+                r0, rc, Q, Ds, Dt, float(scale), HAS_M=rs_max is not None, DOT=dot, PREC=prec,
+                BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+        if need_gy and (need_w or need_b):
+            _feature_dw_kernel[(triton.cdiv(Dt, bn), triton.cdiv(Ds, bk) if need_w else 1)](
+                gbuf, x3, *x3.stride(), grad_w if need_w else dummy,
+                grad_b if need_b else dummy, r0, rc, Q, Ds, Dt,
+                NEED_W=need_w, NEED_B=need_b, DOT=dot, PREC=prec, BM=bm, BN=bn, BK=bk,
+                num_warps=warps, num_stages=stages)
+    for g in (grad_w, grad_b) if need_gy else ():
+        if g is not None:
+            g.mul_(scale)
+            if rs_max is not None:
+                g.mul_(rs_max)
+    return row_loss, grad_x, grad_w, grad_b, grad_t

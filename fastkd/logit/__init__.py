@@ -1,0 +1,1 @@
+"""Logit knowledge distillation: reference, autograd/dispatch, Triton kernel."""
