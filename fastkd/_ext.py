@@ -7,12 +7,19 @@ except ImportError:  # pragma: no cover - depends on how fastkd was installed
     BUILD_INFO = {"extension": False, "cuda": False,
                   "reason": "fastkd was not built (run `pip install --no-build-isolation -e .`)"}
 
-try:
-    from fastkd import _C  # noqa: F401
-    EXT_ERROR = None
-except ImportError as exc:  # the pure-Python backends still serve
+import importlib.util
+
+if importlib.util.find_spec("fastkd._C") is None:
     _C = None
-    EXT_ERROR = f"the extension fastkd._C could not be imported ({exc}); {BUILD_INFO.get('reason', '')}"
+    EXT_ERROR = ("the extension fastkd._C is not built "
+                 "(build it with `pip install --no-build-isolation -e .`)")
+else:
+    try:
+        from fastkd import _C  # noqa: F401
+        EXT_ERROR = None
+    except ImportError as exc:  # e.g. built against another torch; the Python backends still serve
+        _C = None
+        EXT_ERROR = f"the extension fastkd._C could not be loaded: {exc}"
 
 
 def cpu_ext_reason() -> str | None:

@@ -231,8 +231,9 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   // q - p without cancelling when both are close to 1: the factor exp(.) - 1 of the smaller
   // log-probability difference, computed by expm1.
   auto q_minus_p = [&](const Vec& lqv, const Vec& qv, const Vec& lpv, const Vec& pv) {
-    const Vec q_ge = lqv >= lpv;
-    const Vec a = Vec::blendv(pv * (lqv - lpv).expm1(), zero - qv * (lpv - lqv).expm1(), q_ge);
+    const Vec d = lpv - lqv;
+    const Vec e = (zero - d.abs()).expm1();  // exp(-|d|) - 1, in (-1, 0]
+    const Vec a = Vec::blendv(pv * e, zero - qv * e, d <= zero);  // q >= p: -q e; else p e
     return sel((qv > zero) | (pv > zero), a);
   };
   // Student-side per-entry value x_v whose softmax gradient is q_v (x_v - sum q x) (RKL, JSD).
