@@ -91,13 +91,17 @@ int64_t row_argmax(const float* x, int64_t padded, float m) {
 
 // log sum_v exp((x_v - m) * inv_t) for the row max m, as log1p of the sum *without* one max
 // entry (which contributes exactly 1): log-probabilities near 0 (a confident row) stay accurate.
-float row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t) {
+// The unnormalised exponentials are kept in `cache` (when given) so that the later sweeps get
+// the probabilities by one multiply instead of another exp.
+float row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, float* cache) {
   const Vec vm(m), vi(inv_t), one(1.f);
   double s[2];
   block_sums<2>(padded, [&](int64_t v, Vec* acc) {
     const Vec x0 = Vec::loadu(x + v);
     const Vec at_max = x0 == vm;
-    acc[0] = acc[0] + Vec::blendv(((x0 - vm) * vi).exp(), Vec(0.f), at_max);
+    const Vec e = ((x0 - vm) * vi).exp();
+    if (cache) e.store(cache + v);
+    acc[0] = acc[0] + Vec::blendv(e, Vec(0.f), at_max);
     acc[1] = acc[1] + Vec::blendv(Vec(0.f), one, at_max);
   }, s);
   return static_cast<float>(std::log1p(s[0] + (s[1] - 1.0)));
@@ -108,7 +112,7 @@ inline Vec sel(const Vec& mask, const Vec& a) {  // mask ? a : 0
 }
 
 struct Scratch {
-  std::vector<float> s, g, lp;
+  std::vector<float> s, g, lp, es, et, e1;  // rows; exp caches of s/T, t/T (one teacher), s
   std::vector<std::vector<float>> t;
 };
 
@@ -166,14 +170,14 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
       *flags |= kFlagTeacherAllMasked;
       return zero_outputs();
     }
-    lzt[i] = row_log_sum_exp(xt[i], Vp, mt[i], inv_t);
+    lzt[i] = row_log_sum_exp(xt[i], Vp, mt[i], inv_t, nt == 1 ? w.et.data() : nullptr);
     jt[i] = row_argmax(xt[i], Vp, mt[i]);
   }
-  const float lzs = row_log_sum_exp(xs, Vp, ms, inv_t);
+  const float lzs = row_log_sum_exp(xs, Vp, ms, inv_t, w.es.data());
   const int64_t js = row_argmax(xs, Vp, ms);
   float lz1 = 0.f, finite_sum = 0.f, n_finite = 0.f;
   if (hard) {
-    lz1 = row_log_sum_exp(xs, Vp, ms, 1.f);
+    lz1 = row_log_sum_exp(xs, Vp, ms, 1.f, w.e1.data());
     if (p.label_smoothing != 0.f) {
       const Vec ninf(kNegInf), one(1.f);
       double sm[2];
@@ -211,6 +215,12 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   auto logq_at = [&](int64_t v) { return (Vec::loadu(xs + v) - vms) * vinv - vlzs; };
   auto logp_at = [&](int64_t v) {
     return mixed ? Vec::loadu(lp + v) : (Vec::loadu(xt[0] + v) - vmt0) * vinv - vlzt0;
+  };
+  // Probabilities: the cached exponentials times 1/Z (one teacher), exp(log p) for a mixture.
+  const Vec vinv_zs(std::exp(-lzs)), vinv_zt0(std::exp(-lzt[0]));
+  auto q_at = [&](int64_t v) { return Vec::loadu(w.es.data() + v) * vinv_zs; };
+  auto p_at = [&](int64_t v, const Vec& lpv) {
+    return mixed ? lpv.exp() : Vec::loadu(w.et.data() + v) * vinv_zt0;
   };
   auto logpi_at = [&](int i, int64_t v) {
     return (Vec::loadu(xt[i] + v) - Vec(mt[i])) * vinv - Vec(lzt[i]);
@@ -286,9 +296,10 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   const float a1 = 1.f - eps + eps * n_finite / static_cast<float>(V);
   const float eps_v = eps / static_cast<float>(V);
   const Vec vlz1(lz1), vninf(kNegInf), vxs(x_star);
+  const Vec va1z(a1 * std::exp(-lz1));  // a1 / Z1: q1 = e1 / Z1
   auto ce_grad = [&](int64_t v) {
     const Vec x = Vec::loadu(xs + v);
-    Vec d = (x - vms - vlz1).exp() * Vec(a1);
+    Vec d = Vec::loadu(w.e1.data() + v) * va1z;
     if (eps != 0.f) d = d - sel(x != vninf, Vec(eps_v));
     return d;
   };
@@ -298,7 +309,7 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     const int64_t e = std::min(Vp, b + kSumBlock);
     for (int64_t v = b; v < e; v += kW) {
       const Vec lqv = logq_at(v), lpv = logp_at(v);
-      const Vec qv = lqv.exp(), pv = lpv.exp();
+      const Vec qv = q_at(v), pv = p_at(v, lpv);
       switch (div) {
         case Divergence::KL:
           acc[0] = acc[0] + sel(pv > zero, pv * (lpv - lqv));
@@ -380,7 +391,7 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     if (!fuse_grad) {
       for (int64_t v = 0; v < Vp; v += kW) {
         const Vec lqv = logq_at(v), lpv = logp_at(v);
-        const Vec qv = lqv.exp(), pv = lpv.exp();
+        const Vec qv = q_at(v), pv = p_at(v, lpv);
         Vec dd;
         switch (div) {
           case Divergence::KL: dd = q_minus_p(lqv, qv, lpv, pv); break;
@@ -420,7 +431,7 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     const Vec t_gt(pb + 0.5f * pc), t_lt(-pa - 0.5f * pc), t_eq(-0.5f * (pa - pb));
     for (int64_t v = 0; v < Vp; v += kW) {
       const Vec lqv = logq_at(v), lpv = logp_at(v);
-      const Vec qv = lqv.exp(), pv = lpv.exp();
+      const Vec qv = q_at(v), pv = p_at(v, lpv);
       const Vec pi = logpi_at(i, v).exp();
       Vec gv;
       switch (div) {
@@ -449,6 +460,9 @@ void run(const LogitKDParams& p) {
     Scratch w;
     w.s.resize(Vp);
     w.g.resize(Vp);
+    w.es.resize(Vp);
+    w.e1.resize(Vp);
+    if (p.num_teachers == 1) w.et.resize(Vp);
     if (p.num_teachers > 1) w.lp.resize(Vp);
     w.t.resize(p.num_teachers);
     for (auto& t : w.t) t.resize(Vp);
