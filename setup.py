@@ -40,6 +40,17 @@ def _cuda_decision(torch, cpp_extension):
     return True, f"built with CUDA toolkit at {home} for archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
 
 
+def _nvidia_include_dirs():
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in list(getattr(nvidia, "__path__", [])):
+        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def _extensions():
     if os.environ.get("FASTKD_NO_EXTENSION", "0") == "1":
         _write_build_info({"extension": False, "cuda": False,
@@ -64,6 +75,10 @@ def _extensions():
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # pip-installed torch brings the CUDA library headers (cuBLAS, cuSPARSE, ...) in the
+        # nvidia/* wheels; a bare toolkit may lack them, but ATen's CUDA headers include them.
+        # -idirafter: only as a fallback behind the toolkit's own headers, for the C++ glue.
+        cxx += [flag for inc in _nvidia_include_dirs() for flag in ("-idirafter", inc)]
         define.append(("FASTKD_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
         extra = {"cxx": cxx, "nvcc": nvcc}

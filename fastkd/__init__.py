@@ -3,7 +3,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from fastkd import functional
 from fastkd._backend import available_backends
-from fastkd.nn import KDLoss
+from fastkd.nn import FeatureKDLoss, KDLoss, PKTLoss, RKDLoss, SPLoss
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "functional", "available_backends"]
+__all__ = ["KDLoss", "FeatureKDLoss", "SPLoss", "RKDLoss", "PKTLoss", "functional",
+           "available_backends"]

@@ -1,7 +1,14 @@
 """Functional forms of the fastkd losses (``torch.nn.functional`` style)."""
 from __future__ import annotations
 
+from fastkd.feature import autograd as _feature
 from fastkd.logit import autograd as _logit
+from fastkd.relation import autograd as _relation
+
+feature_kd_loss = _feature.feature_kd_loss
+sp_loss = _relation.sp_loss
+rkd_loss = _relation.rkd_loss
+pkt_loss = _relation.pkt_loss
 
 
 def kd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, soft_weight=1.0,
@@ -23,3 +30,6 @@ def kd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, sof
                           divergence=divergence, beta=beta, t2_scale=t2_scale,
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
                           reduction=reduction, teacher_weights=teacher_weights, backend=backend)
+
+
+__all__ = ["kd_loss", "feature_kd_loss", "sp_loss", "rkd_loss", "pkt_loss"]

@@ -115,6 +115,18 @@ def test_masked_vocab_and_extreme_logits(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_two_teachers_masked_vocab(backend, device):
+    """Several teachers sharing a masked vocabulary: finite gradients for every teacher."""
+    vocab = 7 if backend == "triton" else 501
+    for divergence in DIVS:
+        s, ts, y = _case(4, vocab, torch.float32, device, n_teachers=2, mask=True, seed=9)
+        got, ref = _run(backend, s, ts, y, teacher_grad=True, divergence=divergence,
+                        teacher_weights=[0.6, 0.4], temperature=2.0, hard_weight=0.5)
+        assert all(torch.isfinite(g).all() for g in got[2])
+        _check(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean"])
 def test_reductions_and_grad_output(backend, device, reduction):
     """grad_output != 1 (scalar and per row) scales the saved gradient; leading dims kept."""

@@ -341,16 +341,16 @@ void pkt_tile_cpu(const PKTTileParams& p) {
         if (!p.need_s && !p.need_t) return;
         const Vec ssj = load(p.rsum_s + j, n, 1.f), stj = load(p.rsum_t + j, n, 1.f);
         const Vec ps_j = cs / ssj, pt_j = ct / stj;  // P_ji
-        if (p.need_s) {
-          const Vec g = Vec(0.f) - c * pt / (ps + eps);
-          const Vec g_j = Vec(0.f) - c * pt_j / (ps_j + eps);
+        if (p.need_s) {  // g = dL/dPs + scale (see relation_kd.h)
+          const Vec g = c * (ps - pt + eps) / (ps + eps);
+          const Vec g_j = c * (ps_j - pt_j + eps) / (ps_j + eps);
           bs.add(g * ps, valid);
           (half * (g / ssi + g_j / ssj) * imsj).store(gs + j, n);
         }
         if (p.need_t) {
           const Vec lg_j = ((pt_j - ps_j) / (ps_j + eps)).log1p();
-          const Vec f = c * (lg + pt / (pt + eps));
-          const Vec f_j = c * (lg_j + pt_j / (pt_j + eps));
+          const Vec f = c * (lg - eps / (pt + eps));  // dL/dPt - scale
+          const Vec f_j = c * (lg_j - eps / (pt_j + eps));
           bt.add(f * pt, valid);
           (half * (f / sti + f_j / stj) * imtj).store(gt + j, n);
         }

@@ -1,9 +1,9 @@
 // Per-row core of the fused logit-KD CUDA kernel (csrc/cuda/logit_kd.cu); math in
 // fastkd/logit/reference.py and csrc/include/fastkd/logit_kd.h.
 //
-// Everything here is written against an abstract thread group (a CUDA block, a warp, or a host
-// emulation of either), so the same code can be compiled by a host compiler and checked without a
-// GPU. A group provides:
+// Everything here is written against an abstract thread group (a CUDA block, or a host emulation
+// of one with std::thread), so the same code can be compiled by a host compiler and checked
+// without a GPU. A group provides:
 //   static constexpr int kSize;          // threads, a multiple of 32
 //   int rank;                            // this thread, 0 <= rank < kSize
 //   float* red;                          // shared scratch of RowKD::kRedFloats floats (kSize > 32)
@@ -15,10 +15,15 @@
 // Row algorithm (one group per row, all statistics in float32, logs in base 2 internally):
 //   pass 1: online (max, sum-exp) of s/T (and of s at T = 1 for the hard CE) and of each t_i/T;
 //   pass 2: the row sums that the gradients need (D, Kq, sum q h, S_i, CE smoothing) and the loss;
-//   pass 3: the gradients. When no gradient needs a row sum (kl, or only the loss), passes 2 and 3
-//   are one sweep. Each thread keeps the first chunks of the row it loads in pass 1 in shared
-//   memory (same thread, same chunk in every pass, so no barrier is needed), and the later passes
-//   alternate direction, so that the re-read of the rest hits the most recently loaded L2 lines.
+//   pass 3: the gradients. When no gradient needs a row sum (kl's student gradient, or only the
+//   loss), passes 2 and 3 are one sweep. Each thread keeps the first chunks of the row it loads in
+//   pass 1 in shared memory (the same thread handles the same chunk in every pass), and pass 2 runs
+//   backwards (pass 3 forwards again), so that the re-read of the rest starts with the most
+//   recently loaded L2 lines. Gradients are stored evict-first, and the last read of a row too.
+// Inputs are read through 16-byte vector loads from the first element at which every row pointer
+// is aligned (the few elements before and after are done one by one); rows whose pointers have
+// different misalignments are read element by element. The dtypes are run-time values: the math is
+// compiled once, and only the loads / stores branch (uniformly) on the dtype.
 #pragma once
 
 #include <cmath>
@@ -33,9 +38,11 @@
 #if defined(__CUDACC__)
 #define FKD_HD __host__ __device__ __forceinline__
 #define FKD_UNROLL _Pragma("unroll")
+#define FKD_NO_UNROLL _Pragma("unroll 1")
 #else
 #define FKD_HD inline
 #define FKD_UNROLL
+#define FKD_NO_UNROLL
 #endif
 
 namespace fastkd {
@@ -57,7 +64,22 @@ struct Consts {
   int64_t cache_bytes;  // dynamic shared memory available to the row cache (block kernel)
 };
 
-FKD_HD float inf_f() { return INFINITY; }
+// Consts of a launch (host side; cache_bytes is filled in by the launcher).
+inline Consts make_consts(const LogitKDParams& p) {
+  Consts c;
+  const double t = p.temperature;
+  c.c = static_cast<float>(1.4426950408889634074 / t);
+  c.sf_over_t = static_cast<float>(static_cast<double>(p.soft_factor) / t);
+  c.beta = p.beta;
+  c.one_minus_beta = static_cast<float>(1.0 - static_cast<double>(p.beta));
+  c.hard_weight = p.hard_weight;
+  c.eps = p.label_smoothing;
+  c.eps_over_v = static_cast<float>(static_cast<double>(p.label_smoothing) /
+                                    static_cast<double>(p.vocab));
+  c.same_t = p.temperature == 1.f ? 1 : 0;  // then c.c == kLog2e exactly
+  c.cache_bytes = 0;
+  return c;
+}
 
 FKD_HD float bits_to_float(uint32_t u) {
 #ifdef __CUDA_ARCH__
@@ -79,8 +101,24 @@ FKD_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// exp2f / log2f of the CUDA math library (2 ulp / 1 ulp, subnormals handled), not fast-math.
-FKD_HD float ex2(float x) { return exp2f(x); }
+// 2^x. On the device this is the hardware ex2.approx.ftz.f32 (MUFU.EX2), which is also the core
+// of exp2f: max relative error 2^-22 (2 ulp, < 1e-6) for normal results. exp2f only adds 4
+// instructions per call to return subnormal results instead of 0 below 2^-126. Here the
+// arguments are max-shifted (<= 0, or bounded by log2(1 / w_i) for p_i / p), so a flushed term is
+// < 1.2e-38 next to sums that are >= 1 (the max element contributes 2^0) or next to the float32
+// rounding of the terms it is added to. The host emulation flushes the same way.
+FKD_HD float ex2(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  const float y = exp2f(x);
+  return y < 1.17549435e-38f ? 0.f : y;
+#endif
+}
+// log2f of the CUDA math library (1 ulp), used per row or per element only with several teachers
+// and for JSD.
 FKD_HD float lg2(float x) { return log2f(x); }
 
 // max that returns NaN if either argument is NaN (fmaxf ignores NaN).
@@ -97,88 +135,43 @@ FKD_HD void atomic_or_flag(int* flags, int bits) {
 #endif
 }
 
-// ---- element types -------------------------------------------------------------------------
-template <typename T>
-struct Elem;
+// ---- element types (runtime dtype: the math is compiled once, only loads/stores switch) ----
+FKD_HD int dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
-template <>
-struct Elem<float> {
-  FKD_HD static float load1(const float* p) { return *p; }
-  FKD_HD static void store1(float* p, float x) { *p = x; }
-  // One 32-bit word holds 1 element.
-  FKD_HD static void unpack(uint32_t w, float* f) { f[0] = bits_to_float(w); }
-  FKD_HD static uint32_t pack(const float* f) { return float_to_bits(f[0]); }
-};
+FKD_HD float half_bits_to_float(uint32_t b) {
+  __half_raw r;
+  r.x = static_cast<unsigned short>(b);
+  return __half2float(__half(r));
+}
 
-template <>
-struct Elem<__nv_bfloat16> {
-  FKD_HD static float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-  FKD_HD static void store1(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-  // One word holds 2 elements, the first in the low half (little endian). bf16 -> f32 is exact.
-  FKD_HD static void unpack(uint32_t w, float* f) {
-    f[0] = bits_to_float(w << 16);
-    f[1] = bits_to_float(w & 0xffff0000u);
+FKD_HD float load_elem(const unsigned char* row, DType dt, int64_t v) {
+  switch (dt) {
+    case DType::F32: return reinterpret_cast<const float*>(row)[v];
+    case DType::BF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[v]);
+    default: return __half2float(reinterpret_cast<const __half*>(row)[v]);
   }
-  FKD_HD static uint32_t pack(const float* f) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(f[0], f[1]);
-    uint32_t u;
-    std::memcpy(&u, &h, sizeof u);
-    return u;
-  }
-};
+}
 
-template <>
-struct Elem<__half> {
-  FKD_HD static float load1(const __half* p) { return __half2float(*p); }
-  FKD_HD static void store1(__half* p, float x) { *p = __float2half_rn(x); }
-  FKD_HD static float from_bits(uint32_t b) {
-    __half_raw r;
-    r.x = static_cast<unsigned short>(b);
-    return __half2float(__half(r));
+FKD_HD void store_elem(unsigned char* row, DType dt, int64_t v, float x) {
+  switch (dt) {
+    case DType::F32: reinterpret_cast<float*>(row)[v] = x; break;
+    case DType::BF16: reinterpret_cast<__nv_bfloat16*>(row)[v] = __float2bfloat16_rn(x); break;
+    default: reinterpret_cast<__half*>(row)[v] = __float2half_rn(x); break;
   }
-  FKD_HD static void unpack(uint32_t w, float* f) {
-    f[0] = from_bits(w & 0xffffu);
-    f[1] = from_bits(w >> 16);
-  }
-  FKD_HD static uint32_t pack(const float* f) {
-    const __half2 h = __floats2half2_rn(f[0], f[1]);
-    uint32_t u;
-    std::memcpy(&u, &h, sizeof u);
-    return u;
-  }
-};
+}
 
-// N consecutive elements of T as raw 32-bit words (8, 16 or 32 bytes).
-template <typename T, int N>
-struct Raw {
-  static constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
-  static constexpr int kWords = N / kPerWord;
-  static constexpr int kBytes = kWords * 4;
-  static_assert(kBytes == 8 || kBytes == 16 || kBytes == 32, "chunk of 8, 16 or 32 bytes");
-  uint32_t w[kWords];
-
-  FKD_HD void to_float(float (&f)[N]) const {
-    FKD_UNROLL
-    for (int k = 0; k < kWords; ++k) Elem<T>::unpack(w[k], f + k * kPerWord);
-  }
-  FKD_HD void from_float(const float (&f)[N]) {
-    FKD_UNROLL
-    for (int k = 0; k < kWords; ++k) w[k] = Elem<T>::pack(f + k * kPerWord);
-  }
-};
-
-// Global loads: read-only path, or evict-first (".cs") for the last read of a row.
+// W 32-bit words from global memory: read-only path, or evict-first (".cs") for the last read.
 template <bool kStream, int W>
-FKD_HD void load_global(const void* ptr, uint32_t (&w)[W]) {
+FKD_HD void load_words(const unsigned char* ptr, uint32_t* w) {
 #ifdef __CUDA_ARCH__
   if constexpr (W == 2) {
-    const uint2* q = static_cast<const uint2*>(ptr);
+    const uint2* q = reinterpret_cast<const uint2*>(ptr);
     uint2 v;
     if constexpr (kStream) v = __ldcs(q); else v = __ldg(q);
     w[0] = v.x; w[1] = v.y;
   } else {
     static_assert(W % 4 == 0, "16-byte pieces");
-    const uint4* q = static_cast<const uint4*>(ptr);
+    const uint4* q = reinterpret_cast<const uint4*>(ptr);
     FKD_UNROLL
     for (int k = 0; k < W / 4; ++k) {
       uint4 v;
@@ -187,29 +180,29 @@ FKD_HD void load_global(const void* ptr, uint32_t (&w)[W]) {
     }
   }
 #else
-  std::memcpy(w, ptr, sizeof w);
+  std::memcpy(w, ptr, W * 4);
 #endif
 }
 
-// Gradient stores: written once, never read here, so evict-first keeps L2 for the inputs.
+// Gradient stores: written once and never read here, so evict-first keeps L2 for the inputs.
 template <int W>
-FKD_HD void store_global(void* ptr, const uint32_t (&w)[W]) {
+FKD_HD void store_words(unsigned char* ptr, const uint32_t* w) {
 #ifdef __CUDA_ARCH__
   if constexpr (W == 2) {
-    __stcs(static_cast<uint2*>(ptr), make_uint2(w[0], w[1]));
+    __stcs(reinterpret_cast<uint2*>(ptr), make_uint2(w[0], w[1]));
   } else {
-    uint4* q = static_cast<uint4*>(ptr);
+    uint4* q = reinterpret_cast<uint4*>(ptr);
     FKD_UNROLL
     for (int k = 0; k < W / 4; ++k)
       __stcs(q + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
   }
 #else
-  std::memcpy(ptr, w, sizeof w);
+  std::memcpy(ptr, w, W * 4);
 #endif
 }
 
 template <int W>
-FKD_HD void load_shared(const unsigned char* ptr, uint32_t (&w)[W]) {
+FKD_HD void load_words_shared(const unsigned char* ptr, uint32_t* w) {
 #ifdef __CUDA_ARCH__
   if constexpr (W == 2) {
     const uint2 v = *reinterpret_cast<const uint2*>(ptr);
@@ -222,12 +215,12 @@ FKD_HD void load_shared(const unsigned char* ptr, uint32_t (&w)[W]) {
     }
   }
 #else
-  std::memcpy(w, ptr, sizeof w);
+  std::memcpy(w, ptr, W * 4);
 #endif
 }
 
 template <int W>
-FKD_HD void store_shared(unsigned char* ptr, const uint32_t (&w)[W]) {
+FKD_HD void store_words_shared(unsigned char* ptr, const uint32_t* w) {
 #ifdef __CUDA_ARCH__
   if constexpr (W == 2) {
     *reinterpret_cast<uint2*>(ptr) = make_uint2(w[0], w[1]);
@@ -237,9 +230,105 @@ FKD_HD void store_shared(unsigned char* ptr, const uint32_t (&w)[W]) {
       reinterpret_cast<uint4*>(ptr)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
   }
 #else
-  std::memcpy(ptr, w, sizeof w);
+  std::memcpy(ptr, w, W * 4);
 #endif
 }
+
+// N consecutive elements of a row <-> N floats. Each dtype branch keeps its own raw words, so no
+// register is shared between the 16-bit and the float32 layouts (that would keep dead words live
+// across iterations). The branch is uniform: one dtype per tensor and launch.
+template <int N>
+struct Vec {
+  static_assert(N == 4 || N == 8, "chunks of 4 or 8 elements");
+
+  template <int W>
+  FKD_HD static void words_to_f32(const uint32_t (&w)[W], float (&f)[N]) {
+    FKD_UNROLL
+    for (int k = 0; k < N; ++k) f[k] = bits_to_float(w[k]);
+  }
+  // Little endian: the element with the lower index is in the low half of a word.
+  template <int W>
+  FKD_HD static void words_to_16(const uint32_t (&w)[W], DType dt, float (&f)[N]) {
+    if (dt == DType::BF16) {  // bf16 -> f32 is a shift
+      FKD_UNROLL
+      for (int k = 0; k < N / 2; ++k) {
+        f[2 * k] = bits_to_float(w[k] << 16);
+        f[2 * k + 1] = bits_to_float(w[k] & 0xffff0000u);
+      }
+    } else {
+      FKD_UNROLL
+      for (int k = 0; k < N / 2; ++k) {
+        f[2 * k] = half_bits_to_float(w[k] & 0xffffu);
+        f[2 * k + 1] = half_bits_to_float(w[k] >> 16);
+      }
+    }
+  }
+
+  // Global load; when keep != null the raw bytes are also copied there (the shared row cache).
+  template <bool kStream>
+  FKD_HD static void load(const unsigned char* ptr, DType dt, unsigned char* keep, float (&f)[N]) {
+    if (dt == DType::F32) {
+      uint32_t w[N];
+      load_words<kStream, N>(ptr, w);
+      if (keep != nullptr) store_words_shared<N>(keep, w);
+      words_to_f32(w, f);
+    } else {
+      uint32_t w[N / 2];
+      load_words<kStream, N / 2>(ptr, w);
+      if (keep != nullptr) store_words_shared<N / 2>(keep, w);
+      words_to_16(w, dt, f);
+    }
+  }
+
+  FKD_HD static void load_shared(const unsigned char* ptr, DType dt, float (&f)[N]) {
+    if (dt == DType::F32) {
+      uint32_t w[N];
+      load_words_shared<N>(ptr, w);
+      words_to_f32(w, f);
+    } else {
+      uint32_t w[N / 2];
+      load_words_shared<N / 2>(ptr, w);
+      words_to_16(w, dt, f);
+    }
+  }
+
+  // Rounds to nearest even, once, and stores.
+  FKD_HD static void store(unsigned char* ptr, DType dt, const float (&f)[N]) {
+    if (dt == DType::F32) {
+      uint32_t w[N];
+      FKD_UNROLL
+      for (int k = 0; k < N; ++k) w[k] = float_to_bits(f[k]);
+      store_words<N>(ptr, w);
+    } else {
+      uint32_t w[N / 2];
+      if (dt == DType::BF16) {
+        FKD_UNROLL
+        for (int k = 0; k < N / 2; ++k) {
+          const __nv_bfloat162 h = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+          std::memcpy(&w[k], &h, 4);
+        }
+      } else {
+        FKD_UNROLL
+        for (int k = 0; k < N / 2; ++k) {
+          const __half2 h = __floats2half2_rn(f[2 * k], f[2 * k + 1]);
+          std::memcpy(&w[k], &h, 4);
+        }
+      }
+      store_words<N / 2>(ptr, w);
+    }
+  }
+
+  // Stores N zeros (+0 in every dtype).
+  FKD_HD static void store_zero(unsigned char* ptr, DType dt) {
+    if (dt == DType::F32) {
+      const uint32_t w[N] = {};
+      store_words<N>(ptr, w);
+    } else {
+      const uint32_t w[N / 2] = {};
+      store_words<N / 2>(ptr, w);
+    }
+  }
+};
 
 // ---- group reductions ----------------------------------------------------------------------
 struct OpSum {
@@ -293,29 +382,31 @@ FKD_HD void group_allreduce(const Group& g, float (&v)[K]) {
 }
 
 // ---- the row ---------------------------------------------------------------------------------
-template <typename TS, typename TT, bool kMulti>
+// Sums: the row sums only (pass 2, or the only sweep when no gradient is wanted). Write: the
+// gradients from the sums (pass 3). Merged: kl's student gradient, which needs no row sum, and the
+// sums in one sweep (never teacher gradients).
+enum class SweepMode { Sums, Write, Merged };
+
+template <bool kMulti>
 struct KDTraits {
+  // Several teachers: their per-row state is indexed at run time (teacher-major loops that are
+  // not unrolled over kMaxTeachers, which keeps code size and registers bounded).
   static constexpr int kNT = kMulti ? kMaxTeachers : 1;
-  // Elements per chunk: 16 bytes of the narrower input type (one teacher), 4 with several teachers
-  // (keeps 8 teachers' chunks in registers).
-  static constexpr int kMinSize = sizeof(TS) < sizeof(TT) ? static_cast<int>(sizeof(TS))
-                                                          : static_cast<int>(sizeof(TT));
-  static constexpr int kVec = kMulti ? 4 : 16 / kMinSize;
-  static constexpr int kUnroll = kMulti ? 1 : 2;  // chunks in flight per thread per input
-  static constexpr int kRedK = 3 + kNT;           // the largest reduction of a row
+  // Elements per chunk: one teacher 8 (16 bytes of bf16/fp16, 32 of fp32); several teachers 4
+  // (their chunks are loaded one teacher at a time; smaller code and fewer registers).
+  static constexpr int kVec = kMulti ? 4 : 8;
+  static constexpr int kRedK = 3 + kNT;  // the largest reduction of a row
 };
 
-template <typename TS, typename TT, bool kMulti, class Group>
+template <bool kMulti, class Group>
 struct RowKD {
-  using Tr = KDTraits<TS, TT, kMulti>;
+  using Tr = KDTraits<kMulti>;
   static constexpr int kNT = Tr::kNT;
   static constexpr int N = Tr::kVec;
-  static constexpr int U = Tr::kUnroll;
   static constexpr int kRedK = Tr::kRedK;
   static constexpr int kRedFloats = red_floats<Group::kSize, kRedK>();
   static constexpr int64_t G = Group::kSize;
-  using RS = Raw<TS, N>;
-  using RT = Raw<TT, N>;
+  using Vc = Vec<N>;
 
   const LogitKDParams& P;
   const Consts& C;
@@ -323,11 +414,10 @@ struct RowKD {
 
   int64_t V = 0;
   int nt = 1;
-  const TS* __restrict__ s = nullptr;
-  const TT* t[kNT] = {};
-  TS* gs = nullptr;
-  TT* gt[kNT] = {};
-  float w[kNT] = {};
+  DType sd = DType::F32, td = DType::F32;
+  int ssz = 4, tsz = 4;  // element sizes in bytes
+  const unsigned char* s = nullptr;
+  unsigned char* gs = nullptr;
 
   // Layout of the row: `head` scalar elements, nvec chunks of N, scalar elements from tail0.
   bool vec = false;
@@ -336,48 +426,57 @@ struct RowKD {
 
   // Statistics (pass 1).
   float ms = 0.f, lzs = 0.f, lz1 = 0.f, nf = 0.f;
-  float mt[kNT] = {}, lzt[kNT] = {};
+  int flag_bits = 0;
   int64_t y = -1;
-  bool hard = false, hard2 = false, count_nf = false;
+  bool hard = false;
 
   // Row sums (natural-log units) and gradient coefficients.
   float dsum = 0.f, x1 = 0.f;  // D, and Kq (jsd) or sum_u q_u h_u (tvd)
-  float ssum[kNT] = {};
-  bool want_gs = false;
-  bool sum_t[kNT] = {};  // S_i is needed (teacher gradient through a row sum)
+  bool want_gs = false, any_gt = false;
   float cs = 0.f, a1 = 0.f, b1 = 0.f, c1 = 0.f;
-  float ct[kNT] = {};
+
+  // Per teacher.
+  struct Teacher {
+    const unsigned char* t;
+    unsigned char* gt;
+    float w;       // mixture weight
+    float mt;      // raw max
+    float lzt;     // log2 of the sum of exp2((t - mt) c)
+    float ssum;    // S_i (natural units)
+    mutable float sacc;  // this thread's part of S_i (several teachers)
+    float ct;      // gradient factor; 0 = write exact zeros
+    bool sum_t;    // S_i is needed
+  };
+  Teacher tc[kNT];
 
   FKD_HD RowKD(const LogitKDParams& p, const Consts& c, const Group& grp) : P(p), C(c), g(grp) {}
 
-  FKD_HD unsigned char* cache_s() const { return g.cache; }
-  FKD_HD unsigned char* cache_t(int i) const {
-    return g.cache + jc * static_cast<int64_t>(sizeof(RS)) + i * jc * static_cast<int64_t>(sizeof(RT));
+  // Row cache layout: jc student chunks, then (16-byte aligned) jc chunks of each teacher.
+  FKD_HD unsigned char* cache_s(int64_t j) const { return g.cache + j * (N * ssz); }
+  FKD_HD int64_t cache_t0() const { return (jc * (N * ssz) + 15) / 16 * 16; }
+  FKD_HD unsigned char* cache_t(int i, int64_t j) const {
+    return g.cache + cache_t0() + (i * jc + j) * (N * tsz);
   }
 
-  template <typename T>
-  FKD_HD static bool aligned_at(const T* ptr, int64_t k) {
-    constexpr int kAlign = Raw<T, N>::kBytes < 16 ? Raw<T, N>::kBytes : 16;
-    return (reinterpret_cast<uintptr_t>(ptr + k) % kAlign) == 0;
+  FKD_HD static bool aligned_at(const unsigned char* ptr, int esz, int64_t k) {
+    const int align = N * esz < 16 ? N * esz : 16;
+    return (reinterpret_cast<uintptr_t>(ptr + k * esz) % align) == 0;
   }
 
   // Chooses the vector layout: the first element k < N at which every pointer used is aligned for
-  // chunk loads/stores; if there is none the row is processed element by element.
+  // chunk loads/stores; if there is none (pointers with different misalignments) the row is
+  // processed element by element.
   FKD_HD void layout(bool inputs, bool grads) {
     int found = -1;
+    FKD_NO_UNROLL
     for (int k = 0; k < N && found < 0; ++k) {
       bool ok = true;
-      if (inputs) {
-        ok = ok && aligned_at(s, k);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt) ok = ok && aligned_at(t[i], k);
-      }
-      if (grads) {
-        if (gs) ok = ok && aligned_at(gs, k);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt && gt[i]) ok = ok && aligned_at(gt[i], k);
+      if (inputs) ok = ok && aligned_at(s, ssz, k);
+      if (grads && gs) ok = ok && aligned_at(gs, ssz, k);
+      FKD_NO_UNROLL
+      for (int i = 0; i < nt; ++i) {
+        if (inputs) ok = ok && aligned_at(tc[i].t, tsz, k);
+        if (grads && tc[i].gt) ok = ok && aligned_at(tc[i].gt, tsz, k);
       }
       if (ok) found = k;
     }
@@ -392,438 +491,411 @@ struct RowKD {
     }
     jc = 0;
     if (vec && inputs && g.cache != nullptr) {
-      const int64_t per_chunk = static_cast<int64_t>(sizeof(RS)) + nt * static_cast<int64_t>(sizeof(RT));
-      const int64_t fit = g.cache_bytes / per_chunk;
+      const int64_t per_chunk = N * ssz + nt * (N * tsz);
+      const int64_t fit = g.cache_bytes >= 16 ? (g.cache_bytes - 16) / per_chunk : 0;  // 16: padding
       jc = fit < nvec ? fit : nvec;
     }
   }
 
   FKD_HD int64_t scalar_index(int64_t k) const { return k < head ? k : tail0 + (k - head); }
 
-  // ---- ignored / invalid rows: loss 0, gradients 0 ----
+  // ---- ignored / invalid rows: loss 0, gradients 0 (the buffers are uninitialised) ----
   FKD_HD void zero_row(int64_t row) {
     if (g.rank == 0) P.row_loss[row] = 0.f;
     bool any = gs != nullptr;
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) any = any || (i < nt && gt[i] != nullptr);
+    FKD_NO_UNROLL
+    for (int i = 0; i < nt; ++i) any = any || tc[i].gt != nullptr;
     if (!any) return;
     layout(false, true);
-    const float zf[N] = {};
-    RS zs;
-    RT zt;
-    zs.from_float(zf);
-    zt.from_float(zf);
     if (vec) {
+      FKD_NO_UNROLL
       for (int64_t j = g.rank; j < nvec; j += G) {
         const int64_t v0 = head + j * N;
-        if (gs) store_global(gs + v0, zs.w);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt && gt[i]) store_global(gt[i] + v0, zt.w);
+        if (gs) Vc::store_zero(gs + v0 * ssz, sd);
+        FKD_NO_UNROLL
+        for (int i = 0; i < nt; ++i)
+          if (tc[i].gt) Vc::store_zero(tc[i].gt + v0 * tsz, td);
       }
-      if (g.rank < nscal) {
-        const int64_t v = scalar_index(g.rank);
-        if (gs) Elem<TS>::store1(gs + v, 0.f);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt && gt[i]) Elem<TT>::store1(gt[i] + v, 0.f);
-      }
+      if (g.rank < nscal) zero_elem(scalar_index(g.rank));
     } else {
-      for (int64_t v = g.rank; v < V; v += G) {
-        if (gs) Elem<TS>::store1(gs + v, 0.f);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt && gt[i]) Elem<TT>::store1(gt[i] + v, 0.f);
-      }
+      FKD_NO_UNROLL
+      for (int64_t v = g.rank; v < V; v += G) zero_elem(v);
     }
+  }
+
+  FKD_HD void zero_elem(int64_t v) const {
+    if (gs) store_elem(gs, sd, v, 0.f);
+    FKD_NO_UNROLL
+    for (int i = 0; i < nt; ++i)
+      if (tc[i].gt) store_elem(tc[i].gt, td, v, 0.f);
   }
 
   // ---- pass 1: statistics ----
-  // Per-thread online state: m = running raw max, z = sum exp2((x - m) c); while m == -inf the sum
-  // is 0, or NaN once a NaN was seen (x - 0 keeps -inf -> 0 and NaN -> NaN).
-  struct Stats {
-    float m_s, z_s, z_1, cnt;
-    float m_t[kNT], z_t[kNT];
+  // Per-thread online state: m = running raw max, z = sum exp2((x - m) c). While m == -inf the sum
+  // is 0, or NaN once a NaN was seen (the shift is then 0: -inf -> 0 and NaN -> NaN).
+  // kZ1: also the T = 1 sum (hard CE with T != 1); kCnt: count the entries != -inf (hard CE).
+  struct Online {
+    float m, z, z1, cnt;
   };
 
-  template <int M>
-  FKD_HD void acc_student(Stats& st, const float (&x)[M]) const {
+  template <bool kZ1, bool kCnt, int K>
+  FKD_HD void online(Online& o, float c, const float (&x)[K]) const {
     float lm = x[0];
     FKD_UNROLL
-    for (int e = 1; e < M; ++e) lm = fmaxf(lm, x[e]);
-    const float nm = fmaxf(st.m_s, lm);
-    if (nm != st.m_s) {
-      if (st.m_s != -INFINITY) {  // factor <= 1: no overflow
-        const float d = st.m_s - nm;
-        st.z_s *= ex2(d * C.c);
-        if (hard2) st.z_1 *= ex2(d * kLog2e);
+    for (int e = 1; e < K; ++e) lm = fmaxf(lm, x[e]);
+    const float nm = fmaxf(o.m, lm);
+    if (nm != o.m) {
+      if (o.m != -INFINITY) {  // factor <= 1: no overflow
+        const float d = o.m - nm;
+        o.z *= ex2(d * c);
+        if (kZ1) o.z1 *= ex2(d * kLog2e);
       }
-      st.m_s = nm;
+      o.m = nm;
     }
-    const float sh = st.m_s == -INFINITY ? 0.f : st.m_s;
+    const float sh = o.m == -INFINITY ? 0.f : o.m;
     FKD_UNROLL
-    for (int e = 0; e < M; ++e) {
-      const float d = x[e] - sh;
-      st.z_s += ex2(d * C.c);
-      if (hard2) st.z_1 += ex2(d * kLog2e);
-      if (count_nf) st.cnt += x[e] != -INFINITY ? 1.f : 0.f;
+    for (int e = 0; e < K; ++e) {
+      const float d = x[e] - sh;  // subtract the raw max before scaling (precision at large |s|)
+      o.z += ex2(d * c);
+      if (kZ1) o.z1 += ex2(d * kLog2e);
+      if (kCnt) o.cnt += x[e] != -INFINITY ? 1.f : 0.f;
     }
   }
 
-  template <int M>
-  FKD_HD void acc_teacher(Stats& st, int i, const float (&x)[M]) const {
-    float lm = x[0];
-    FKD_UNROLL
-    for (int e = 1; e < M; ++e) lm = fmaxf(lm, x[e]);
-    const float nm = fmaxf(st.m_t[i], lm);
-    if (nm != st.m_t[i]) {
-      if (st.m_t[i] != -INFINITY) st.z_t[i] *= ex2((st.m_t[i] - nm) * C.c);
-      st.m_t[i] = nm;
-    }
-    const float sh = st.m_t[i] == -INFINITY ? 0.f : st.m_t[i];
-    FKD_UNROLL
-    for (int e = 0; e < M; ++e) st.z_t[i] += ex2((x[e] - sh) * C.c);
-  }
-
-  // Rescales a thread's sum from its own max m to the row max mx (sum unchanged when m is -inf:
-  // it is then 0 or NaN whatever the reference).
+  // Rescales a thread's sum from its own max m to the row max mx (unchanged when m is -inf: it is
+  // then 0 or NaN whatever the reference).
   FKD_HD static float rescale(float z, float m, float mx, float scale) {
     return (m == mx || m == -INFINITY) ? z : z * ex2((m - mx) * scale);
   }
 
-  FKD_HD void load_scalar(int64_t v, float& xs, float (&xt)[kNT]) const {
-    xs = Elem<TS>::load1(s + v);
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) xt[i] = i < nt ? Elem<TT>::load1(t[i] + v) : 0.f;
+  template <bool kZ1, bool kCnt, int K, class Src>
+  FKD_HD void stats_unit(Online& os, Online (&ot)[kNT], const Src& src) const {
+    float x[K];
+    src.ld_s(x);
+    online<kZ1, kCnt>(os, C.c, x);
+    if constexpr (!kMulti) {
+      src.ld_t(0, x);
+      online<false, false>(ot[0], C.c, x);
+    } else {
+      FKD_NO_UNROLL
+      for (int i = 0; i < nt; ++i) {
+        src.ld_t(i, x);
+        online<false, false>(ot[i], C.c, x);
+      }
+    }
   }
 
+  template <bool kZ1, bool kCnt>
   FKD_HD void pass_stats() {
-    Stats st;
-    st.m_s = -INFINITY; st.z_s = 0.f; st.z_1 = 0.f; st.cnt = 0.f;
+    Online os{-INFINITY, 0.f, 0.f, 0.f};
+    Online ot[kNT];
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) { st.m_t[i] = -INFINITY; st.z_t[i] = 0.f; }
+    for (int i = 0; i < kNT; ++i) ot[i] = Online{-INFINITY, 0.f, 0.f, 0.f};
 
     if (vec) {
       // The cache layout depends on jc, which may differ from the previous row's: wait until
       // every thread is done reading the previous row before overwriting it.
       if (jc > 0) g.sync();
-      const int64_t steps = (nvec + G - 1) / G;
-      for (int64_t s0 = 0; s0 < steps; s0 += U) {
-        RS rs[U];
-        RT rt[U][kNT];
-        int64_t jj[U];
-        bool ok[U];
-        FKD_UNROLL
-        for (int u = 0; u < U; ++u) {
-          jj[u] = (s0 + u) * G + g.rank;
-          ok[u] = jj[u] < nvec;
-          if (ok[u]) {
-            const int64_t v0 = head + jj[u] * N;
-            load_global<false>(s + v0, rs[u].w);
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i)
-              if (i < nt) load_global<false>(t[i] + v0, rt[u][i].w);
-          }
-        }
-        FKD_UNROLL
-        for (int u = 0; u < U; ++u) {
-          if (!ok[u]) continue;
-          if (jj[u] < jc) {
-            store_shared(cache_s() + jj[u] * static_cast<int64_t>(sizeof(RS)), rs[u].w);
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i)
-              if (i < nt) store_shared(cache_t(i) + jj[u] * static_cast<int64_t>(sizeof(RT)), rt[u][i].w);
-          }
-          float x[N];
-          rs[u].to_float(x);
-          acc_student(st, x);
-          FKD_UNROLL
-          for (int i = 0; i < kNT; ++i) {
-            if (i < nt) {
-              rt[u][i].to_float(x);
-              acc_teacher(st, i, x);
-            }
-          }
-        }
+      FKD_NO_UNROLL
+      for (int64_t j = g.rank; j < nvec; j += G) {
+        const ChunkSrc<false, true> src{*this, j};
+        stats_unit<kZ1, kCnt, N>(os, ot, src);
       }
-      if (g.rank < nscal) {
-        float xs[1], xt[kNT];
-        load_scalar(scalar_index(g.rank), xs[0], xt);
-        acc_student(st, xs);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i) {
-          if (i < nt) {
-            const float x[1] = {xt[i]};
-            acc_teacher(st, i, x);
-          }
-        }
-      }
+      if (g.rank < nscal) stats_unit<kZ1, kCnt, 1>(os, ot, ElemSrc{*this, scalar_index(g.rank)});
     } else {
-      for (int64_t v = g.rank; v < V; v += G) {
-        float xs[1], xt[kNT];
-        load_scalar(v, xs[0], xt);
-        acc_student(st, xs);
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i) {
-          if (i < nt) {
-            const float x[1] = {xt[i]};
-            acc_teacher(st, i, x);
-          }
-        }
-      }
+      FKD_NO_UNROLL
+      for (int64_t v = g.rank; v < V; v += G) stats_unit<kZ1, kCnt, 1>(os, ot, ElemSrc{*this, v});
     }
 
     float mx[1 + kNT];
-    mx[0] = st.m_s;
+    mx[0] = os.m;
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) mx[1 + i] = st.m_t[i];
+    for (int i = 0; i < kNT; ++i) mx[1 + i] = ot[i].m;  // -inf beyond nt
     group_allreduce<OpMax, kRedK>(g, mx);
     float sm[3 + kNT];
-    sm[0] = rescale(st.z_s, st.m_s, mx[0], C.c);
-    sm[1] = hard2 ? rescale(st.z_1, st.m_s, mx[0], kLog2e) : 0.f;
-    sm[2] = st.cnt;
+    sm[0] = rescale(os.z, os.m, mx[0], C.c);
+    sm[1] = kZ1 ? rescale(os.z1, os.m, mx[0], kLog2e) : 0.f;
+    sm[2] = os.cnt;
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) sm[3 + i] = rescale(st.z_t[i], st.m_t[i], mx[1 + i], C.c);
+    for (int i = 0; i < kNT; ++i) sm[3 + i] = rescale(ot[i].z, ot[i].m, mx[1 + i], C.c);
     group_allreduce<OpSum, kRedK>(g, sm);
 
     ms = mx[0];
     lzs = lg2(sm[0]);
-    lz1 = hard2 ? lg2(sm[1]) : lzs;
+    lz1 = kZ1 ? lg2(sm[1]) : lzs;  // T == 1: c == log2(e) exactly, so the CE terms are the soft ones
     nf = sm[2];
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) {
-      mt[i] = mx[1 + i];
-      lzt[i] = lg2(sm[3 + i]);
-    }
     // A row that is -inf everywhere has max -inf and sum exactly 0; with a NaN the sum is NaN and
-    // the row goes on (its loss becomes NaN).
+    // the row goes on (its loss becomes NaN, as in the reference).
     flag_bits = 0;
     if (mx[0] == -INFINITY && sm[0] == 0.f) flag_bits |= kFlagStudentAllMasked;
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i)
-      if (i < nt && mx[1 + i] == -INFINITY && sm[3 + i] == 0.f) flag_bits |= kFlagTeacherAllMasked;
-  }
-  int flag_bits = 0;
-
-  // ---- passes 2 and 3: one element ----
-  // acc: [0] kl/rkl: sum p (Lp - Lq) / q (Lq - Lp); jsd: Kp; tvd: sum |p - q|
-  //      [1] jsd: Kq; tvd: sum q h      [2] CE smoothing: sum over s != -inf of -Lq1
-  //      [3 + i] S_i = sum p_i g        (base-2 logs in [0..2], natural units in [3 + i])
-  template <Divergence D, bool ACC, bool WRITE>
-  FKD_HD void elem(int64_t v, float xs, const float (&xt)[kNT], float (&acc)[3 + kNT], float& og,
-                   float (&ot)[kNT]) const {
-    const float ds = xs - ms;
-    const float lq = fmaf(ds, C.c, -lzs);  // log2 q_v
-    const float q = ex2(lq);
-    float lpi[kNT];
-    float lp;
-    if constexpr (!kMulti) {
-      lpi[0] = fmaf(xt[0] - mt[0], C.c, -lzt[0]);
-      lp = lpi[0];
-    } else {
-      // log2 sum_i w_i p_iv, shifted by the max over teachers with w_i > 0.
-      float mm = -INFINITY;
-      FKD_UNROLL
-      for (int i = 0; i < kNT; ++i) {
-        lpi[i] = i < nt ? fmaf(xt[i] - mt[i], C.c, -lzt[i]) : -INFINITY;
-        if (i < nt && w[i] > 0.f) mm = fmax_nan(mm, lpi[i]);
-      }
-      if (mm == -INFINITY) {
-        lp = -INFINITY;
-      } else {
-        float sacc = 0.f;
-        FKD_UNROLL
-        for (int i = 0; i < kNT; ++i)
-          if (i < nt && w[i] > 0.f) sacc += w[i] * ex2(lpi[i] - mm);
-        lp = mm + lg2(sacc);
-      }
-    }
-    const float p = ex2(lp);
-
-    float dda = 0.f;  // dD/da_v
-    float gv = 0.f;   // g_v (natural units) for S_i and the teacher gradients; rkl: see below
-    if constexpr (D == Divergence::KL) {
-      const float diff = lp - lq;
-      if (ACC) acc[0] += p == 0.f ? 0.f : p * diff;
-      dda = q - p;
-      gv = kLn2 * diff;
-    } else if constexpr (D == Divergence::ReverseKL) {
-      const float diff = lq - lp;
-      if (ACC) acc[0] += q == 0.f ? 0.f : q * diff;
-      if (WRITE) dda = q == 0.f ? 0.f : q * fmaf(kLn2, diff, -dsum);
-    } else if constexpr (D == Divergence::JSD) {
-      const float mm = fmaxf(lp, lq);
-      const float lm = mm == -INFINITY
-                           ? -INFINITY
-                           : mm + lg2(C.beta * ex2(lp - mm) + C.one_minus_beta * ex2(lq - mm));
-      if (ACC) {
-        acc[0] += p == 0.f ? 0.f : p * (lp - lm);
-        acc[1] += q == 0.f ? 0.f : q * (lq - lm);
-      }
-      if (WRITE) dda = C.one_minus_beta * (q == 0.f ? 0.f : q * fmaf(kLn2, lq - lm, -x1));
-      gv = C.beta * kLn2 * (lp - lm);
-    } else {  // TVD
-      const float diff = p - q;
-      const float sg = sign_nan(diff);
-      if (ACC) {
-        acc[0] += fabsf(diff);
-        acc[1] += q * (-0.5f * sg);
-      }
-      dda = q * (-0.5f * sg - x1);
-      gv = 0.5f * sg;
-    }
-
-    // Teacher side: dD/db_iv = w_i (p_iv g_v - p_iv S_i); pg = p_iv g_v with 0 where p_iv = 0.
-    FKD_UNROLL
     for (int i = 0; i < kNT; ++i) {
-      ot[i] = 0.f;
-      if (i >= nt) continue;
-      const bool need_acc = ACC && sum_t[i];
-      const bool need_wr = WRITE && gt[i] != nullptr && w[i] != 0.f;
-      if (!need_acc && !need_wr) continue;
-      const float pi = kMulti ? ex2(lpi[i]) : p;
-      float pg;
-      if constexpr (D == Divergence::ReverseKL) {
-        // g_v = -q_v / p_v, so p_iv g_v = -q_v exp(logp_iv - logp_v) (one teacher: -q_v)
-        if constexpr (kMulti) pg = lpi[i] == -INFINITY ? 0.f : -q * ex2(lpi[i] - lp);
-        else pg = -q;
-      } else {
-        pg = pi == 0.f ? 0.f : pi * gv;
+      if (i < nt) {
+        tc[i].mt = mx[1 + i];
+        tc[i].lzt = lg2(sm[3 + i]);
+        if (mx[1 + i] == -INFINITY && sm[3 + i] == 0.f) flag_bits |= kFlagTeacherAllMasked;
       }
-      if (need_acc) acc[3 + i] += pg;
-      if (need_wr) ot[i] = ct[i] * (pg - pi * ssum[i]);
-    }
-
-    if (WRITE && want_gs) {
-      float gce = 0.f;
-      if (hard) {
-        const float q1 = C.same_t ? q : ex2(fmaf(ds, kLog2e, -lz1));
-        gce = a1 * q1 - (v == y ? b1 : 0.f) - (xs != -INFINITY ? c1 : 0.f);
-      }
-      og = fmaf(cs, dda, gce);
-    } else {
-      og = 0.f;
-    }
-    if (ACC && count_nf) {
-      const float lq1 = C.same_t ? lq : fmaf(ds, kLog2e, -lz1);
-      acc[2] += xs == -INFINITY ? 0.f : -lq1;
     }
   }
 
-  // One sweep over the row (pass 2 or 3). reverse: chunks from the end of the row backwards.
-  // kLast: the row is not read again, so its lines are loaded evict-first.
-  template <Divergence D, bool ACC, bool WRITE, bool kLast>
-  FKD_HD void sweep(bool reverse, float (&acc)[3 + kNT]) const {
+  // ---- sources of one unit of work: a chunk of N elements, or one element ----
+  // kLast: the row is not read again, so its lines are loaded evict-first. kKeep (pass 1): copy
+  // the chunk into the row cache when it has a slot there.
+  template <bool kLast, bool kKeep>
+  struct ChunkSrc {
+    static constexpr int K = N;
+    const RowKD& r;
+    int64_t j;
+    FKD_HD int64_t v0() const { return r.head + j * N; }
+    FKD_HD void ld_s(float (&x)[N]) const {
+      if (!kKeep && j < r.jc) Vc::load_shared(r.cache_s(j), r.sd, x);
+      else Vc::template load<kLast>(r.s + v0() * r.ssz, r.sd, kKeep && j < r.jc ? r.cache_s(j) : nullptr, x);
+    }
+    FKD_HD void ld_t(int i, float (&x)[N]) const {
+      if (!kKeep && j < r.jc) Vc::load_shared(r.cache_t(i, j), r.td, x);
+      else Vc::template load<kLast>(r.tc[i].t + v0() * r.tsz, r.td,
+                                    kKeep && j < r.jc ? r.cache_t(i, j) : nullptr, x);
+    }
+    FKD_HD void st_s(const float (&o)[N]) const { Vc::store(r.gs + v0() * r.ssz, r.sd, o); }
+    FKD_HD void st_t(int i, const float (&o)[N]) const {
+      Vc::store(r.tc[i].gt + v0() * r.tsz, r.td, o);
+    }
+    // Index of the target in this chunk, or -1.
+    FKD_HD int target_at() const {
+      const int64_t a = v0();
+      return r.y >= a && r.y < a + N ? static_cast<int>(r.y - a) : -1;
+    }
+  };
+
+  struct ElemSrc {
+    static constexpr int K = 1;
+    const RowKD& r;
+    int64_t v;
+    FKD_HD void ld_s(float (&x)[1]) const { x[0] = load_elem(r.s, r.sd, v); }
+    FKD_HD void ld_t(int i, float (&x)[1]) const { x[0] = load_elem(r.tc[i].t, r.td, v); }
+    FKD_HD void st_s(const float (&o)[1]) const { store_elem(r.gs, r.sd, v, o[0]); }
+    FKD_HD void st_t(int i, const float (&o)[1]) const { store_elem(r.tc[i].gt, r.td, v, o[0]); }
+    FKD_HD int target_at() const { return v == r.y ? 0 : -1; }
+  };
+
+  // ---- passes 2 and 3 ----
+  // Sweep sums, per thread, acc:
+  //   [0] kl / rkl: sum p (Lp - Lq) / sum q (Lq - Lp); jsd: Kp; tvd: sum |p - q|
+  //   [1] jsd: Kq; tvd: sum q h     [2] CE smoothing: sum over s != -inf of -Lq1
+  //   [3] S_0 (one teacher; several teachers: tc[i].sacc)
+  // Base-2 logs in [0..2], natural units in [3]. Every term multiplied by a probability is selected
+  // to exactly 0 where that probability is 0 (never 0 * inf); the test is == 0 so that a NaN
+  // probability still reaches the sums.
+
+  // Teacher i of one unit: dD/db_iv = w_i (p_iv g_v - p_iv S_i). Sums: accumulates S_i; Write:
+  // stores the gradient (exact zeros for a teacher of weight 0).
+  template <Divergence D, SweepMode M, class Src>
+  FKD_HD void teacher_side(int i, const Src& src, const float (&lp)[Src::K],
+                           const float (&p)[Src::K], const float (&q)[Src::K],
+                           const float (&gv)[Src::K], float (&acc)[4], bool store) const {
+    constexpr int K = Src::K;
+    const Teacher& te = tc[i];
+    const bool need = M == SweepMode::Sums ? te.sum_t : te.ct != 0.f;
+    const bool st = M == SweepMode::Write && store && te.gt != nullptr;
+    if (!need && !st) return;
+    float o[K];
+    FKD_UNROLL
+    for (int e = 0; e < K; ++e) o[e] = 0.f;
+    if (need) {
+      float lpi[K], pi[K];
+      if constexpr (!kMulti) {
+        FKD_UNROLL
+        for (int e = 0; e < K; ++e) { lpi[e] = lp[e]; pi[e] = p[e]; }
+      } else {
+        float xt[K];
+        src.ld_t(i, xt);
+        FKD_UNROLL
+        for (int e = 0; e < K; ++e) {
+          lpi[e] = fmaf(xt[e] - te.mt, C.c, -te.lzt);
+          pi[e] = ex2(lpi[e]);
+        }
+      }
+      float sacc = 0.f;
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) {
+        float pg;  // p_iv g_v, 0 where p_iv = 0
+        if constexpr (D == Divergence::ReverseKL) {
+          // g_v = -q_v / p_v: p_iv g_v = -q_v exp(logp_iv - logp_v) (one teacher: -q_v)
+          if constexpr (kMulti) pg = lpi[e] == -INFINITY ? 0.f : -q[e] * ex2(lpi[e] - lp[e]);
+          else pg = -q[e];
+        } else {
+          pg = pi[e] == 0.f ? 0.f : pi[e] * gv[e];
+        }
+        if (M == SweepMode::Sums) sacc += pg;
+        else o[e] = te.ct * (pg - pi[e] * te.ssum);
+      }
+      if (M == SweepMode::Sums) {
+        if constexpr (kMulti) te.sacc += sacc;
+        else acc[3] += sacc;
+      }
+    }
+    if (st) src.st_t(i, o);
+  }
+
+  template <Divergence D, SweepMode M, bool kHard, class Src>
+  FKD_HD void unit(const Src& src, float (&acc)[4], bool wr_t) const {
+    constexpr int K = Src::K;
+    constexpr bool kAcc = M != SweepMode::Write;
+    constexpr bool kWr = M != SweepMode::Sums;
+    float xs[K], lq[K], q[K], lp[K];
+    src.ld_s(xs);
+    FKD_UNROLL
+    for (int e = 0; e < K; ++e) {
+      lq[e] = fmaf(xs[e] - ms, C.c, -lzs);  // log2 q_v
+      q[e] = ex2(lq[e]);
+    }
+    if constexpr (!kMulti) {
+      float xt[K];
+      src.ld_t(0, xt);
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) lp[e] = fmaf(xt[e] - tc[0].mt, C.c, -tc[0].lzt);
+    } else {
+      // log2 sum_i w_i p_iv, accumulated online over the teachers with w_i > 0, shifted by the
+      // running max (no underflow; a NaN anywhere gives NaN).
+      float mm[K], sa[K];
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) { mm[e] = -INFINITY; sa[e] = 0.f; }
+      FKD_NO_UNROLL
+      for (int i = 0; i < nt; ++i) {
+        const float wi = tc[i].w;
+        if (!(wi > 0.f)) continue;
+        float xt[K];
+        src.ld_t(i, xt);
+        FKD_UNROLL
+        for (int e = 0; e < K; ++e) {
+          const float l = fmaf(xt[e] - tc[i].mt, C.c, -tc[i].lzt);
+          const float nm = fmax_nan(mm[e], l);
+          const float old = mm[e] == -INFINITY ? 0.f : sa[e] * ex2(mm[e] - nm);
+          sa[e] = old + (l == -INFINITY ? 0.f : wi * ex2(l - nm));
+          mm[e] = nm;
+        }
+      }
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) lp[e] = mm[e] == -INFINITY ? -INFINITY : mm[e] + lg2(sa[e]);
+    }
+
+    const int ey = kHard ? src.target_at() : -1;
+    float og[K], gv[K], pv[K];
+    FKD_UNROLL
+    for (int e = 0; e < K; ++e) {
+      const float p = ex2(lp[e]);
+      pv[e] = p;
+      float dda = 0.f;  // dD/da_v
+      gv[e] = 0.f;      // g_v (natural units) for S_i and the teacher gradients (rkl: see below)
+      if constexpr (D == Divergence::KL) {
+        const float diff = lp[e] - lq[e];
+        if (kAcc) acc[0] += p == 0.f ? 0.f : p * diff;
+        dda = q[e] - p;
+        gv[e] = kLn2 * diff;
+      } else if constexpr (D == Divergence::ReverseKL) {
+        const float diff = lq[e] - lp[e];
+        if (kAcc) acc[0] += q[e] == 0.f ? 0.f : q[e] * diff;
+        dda = q[e] == 0.f ? 0.f : q[e] * fmaf(kLn2, diff, -dsum);
+      } else if constexpr (D == Divergence::JSD) {
+        const float mm = fmaxf(lp[e], lq[e]);
+        const float lm =
+            mm == -INFINITY
+                ? -INFINITY
+                : mm + lg2(C.beta * ex2(lp[e] - mm) + C.one_minus_beta * ex2(lq[e] - mm));
+        if (kAcc) {
+          acc[0] += p == 0.f ? 0.f : p * (lp[e] - lm);
+          acc[1] += q[e] == 0.f ? 0.f : q[e] * (lq[e] - lm);
+        }
+        dda = C.one_minus_beta * (q[e] == 0.f ? 0.f : q[e] * fmaf(kLn2, lq[e] - lm, -x1));
+        gv[e] = C.beta * kLn2 * (lp[e] - lm);
+      } else {  // TVD
+        const float diff = p - q[e];
+        const float sg = sign_nan(diff);
+        if (kAcc) {
+          acc[0] += fabsf(diff);
+          acc[1] += q[e] * (-0.5f * sg);
+        }
+        dda = q[e] * (-0.5f * sg - x1);
+        gv[e] = 0.5f * sg;
+      }
+
+      // Hard CE at T = 1 (lz1 == lzs when T == 1, and then the soft terms are reused).
+      const float lq1 = fmaf(xs[e] - ms, kLog2e, -lz1);
+      if (kAcc && (kHard || M == SweepMode::Sums)) acc[2] += xs[e] == -INFINITY ? 0.f : -lq1;
+      og[e] = 0.f;
+      if (kWr) {
+        float gce = 0.f;
+        if (kHard) {
+          const float q1 = C.same_t ? q[e] : ex2(lq1);
+          gce = a1 * q1 - (e == ey ? b1 : 0.f) - (xs[e] != -INFINITY ? c1 : 0.f);
+        }
+        og[e] = fmaf(cs, dda, gce);
+      }
+    }
+    if (kWr && gs) src.st_s(og);
+
+    // Teacher side: dD/db_iv = w_i (p_iv g_v - p_iv S_i).
+    if constexpr (M != SweepMode::Merged) {
+      if constexpr (!kMulti) {
+        teacher_side<D, M>(0, src, lp, pv, q, gv, acc, wr_t);
+      } else {
+        FKD_NO_UNROLL
+        for (int i = 0; i < nt; ++i) teacher_side<D, M>(i, src, lp, pv, q, gv, acc, wr_t);
+      }
+    }
+  }
+
+  // One sweep over the row. reverse: from the end of the row backwards, so that the chunks loaded
+  // last in the previous pass (most likely still in L2) come first.
+  template <Divergence D, SweepMode M, bool kHard, bool kLast>
+  FKD_HD void sweep(bool reverse, float (&acc)[4]) const {
+    const bool wr_t = M == SweepMode::Write && any_gt;
     if (vec) {
       const int64_t steps = (nvec + G - 1) / G;
-      for (int64_t s0 = 0; s0 < steps; s0 += U) {
-        RS rs[U];
-        RT rt[U][kNT];
-        int64_t jj[U];
-        bool ok[U];
-        FKD_UNROLL
-        for (int u = 0; u < U; ++u) {
-          const int64_t step = s0 + u;
-          jj[u] = (reverse ? steps - 1 - step : step) * G + g.rank;
-          ok[u] = step < steps && jj[u] < nvec;
-          if (!ok[u]) continue;
-          if (jj[u] < jc) {
-            load_shared(cache_s() + jj[u] * static_cast<int64_t>(sizeof(RS)), rs[u].w);
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i)
-              if (i < nt) load_shared(cache_t(i) + jj[u] * static_cast<int64_t>(sizeof(RT)), rt[u][i].w);
-          } else {
-            const int64_t v0 = head + jj[u] * N;
-            load_global<kLast>(s + v0, rs[u].w);
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i)
-              if (i < nt) load_global<kLast>(t[i] + v0, rt[u][i].w);
-          }
-        }
-        FKD_UNROLL
-        for (int u = 0; u < U; ++u) {
-          if (!ok[u]) continue;
-          const int64_t v0 = head + jj[u] * N;
-          float xs[N];
-          float xt[kNT][N];
-          rs[u].to_float(xs);
-          FKD_UNROLL
-          for (int i = 0; i < kNT; ++i) {
-            if (i < nt) rt[u][i].to_float(xt[i]);
-            else {
-              FKD_UNROLL
-              for (int e = 0; e < N; ++e) xt[i][e] = 0.f;
-            }
-          }
-          float og[N];
-          float ot[kNT][N];
-          FKD_UNROLL
-          for (int e = 0; e < N; ++e) {
-            float xc[kNT], oc[kNT];
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i) xc[i] = xt[i][e];
-            elem<D, ACC, WRITE>(v0 + e, xs[e], xc, acc, og[e], oc);
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i) ot[i][e] = oc[i];
-          }
-          if (WRITE) {
-            if (gs) {
-              RS o;
-              o.from_float(og);
-              store_global(gs + v0, o.w);
-            }
-            FKD_UNROLL
-            for (int i = 0; i < kNT; ++i) {
-              if (i < nt && gt[i]) {
-                RT o;
-                o.from_float(ot[i]);
-                store_global(gt[i] + v0, o.w);
-              }
-            }
-          }
-        }
+      FKD_NO_UNROLL
+      for (int64_t step = 0; step < steps; ++step) {
+        const int64_t j = (reverse ? steps - 1 - step : step) * G + g.rank;
+        if (j < nvec) unit<D, M, kHard>(ChunkSrc<kLast, false>{*this, j}, acc, wr_t);
       }
-      if (g.rank < nscal) sweep_scalar<D, ACC, WRITE>(scalar_index(g.rank), acc);
+      if (g.rank < nscal) unit<D, M, kHard>(ElemSrc{*this, scalar_index(g.rank)}, acc, wr_t);
     } else {
-      for (int64_t v = g.rank; v < V; v += G) sweep_scalar<D, ACC, WRITE>(v, acc);
+      FKD_NO_UNROLL
+      for (int64_t v = g.rank; v < V; v += G) unit<D, M, kHard>(ElemSrc{*this, v}, acc, wr_t);
     }
   }
 
-  template <Divergence D, bool ACC, bool WRITE>
-  FKD_HD void sweep_scalar(int64_t v, float (&acc)[3 + kNT]) const {
-    float xs, xt[kNT];
-    load_scalar(v, xs, xt);
-    float og, ot[kNT];
-    elem<D, ACC, WRITE>(v, xs, xt, acc, og, ot);
-    if (WRITE) {
-      if (gs) Elem<TS>::store1(gs + v, og);
-      FKD_UNROLL
-      for (int i = 0; i < kNT; ++i)
-        if (i < nt && gt[i]) Elem<TT>::store1(gt[i] + v, ot[i]);
-    }
-  }
-
-  // Reduces the sweep sums, sets dsum / x1 / ssum and returns the row loss.
+  // Reduces the sweep sums, sets dsum / x1 / S_i and returns the row loss.
   template <Divergence D>
-  FKD_HD float finish_sums(float (&acc)[3 + kNT], float nll) {
-    group_allreduce<OpSum, kRedK>(g, acc);
+  FKD_HD float finish_sums(float (&acc)[4], float nll) {
+    float red[3 + kNT];
+    red[0] = acc[0];
+    red[1] = acc[1];
+    red[2] = acc[2];
+    if constexpr (!kMulti) {
+      red[3] = acc[3];
+    } else {
+      FKD_UNROLL
+      for (int i = 0; i < kNT; ++i) red[3 + i] = i < nt ? tc[i].sacc : 0.f;
+    }
+    group_allreduce<OpSum, kRedK>(g, red);
     if constexpr (D == Divergence::KL || D == Divergence::ReverseKL) {
-      dsum = kLn2 * acc[0];
+      dsum = kLn2 * red[0];
     } else if constexpr (D == Divergence::JSD) {
-      const float kp = kLn2 * acc[0];
-      x1 = kLn2 * acc[1];
+      const float kp = kLn2 * red[0];
+      x1 = kLn2 * red[1];
       dsum = C.beta * kp + C.one_minus_beta * x1;
     } else {
-      dsum = 0.5f * acc[0];
-      x1 = acc[1];
+      dsum = 0.5f * red[0];
+      x1 = red[1];
     }
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) ssum[i] = acc[3 + i];
-    if constexpr (D == Divergence::ReverseKL && !kMulti) ssum[0] = -1.f;  // S = -sum q = -1
+    for (int i = 0; i < kNT; ++i)
+      if (i < nt) tc[i].ssum = red[3 + i];
+    if constexpr (D == Divergence::ReverseKL && !kMulti) tc[0].ssum = -1.f;  // S = -sum q = -1
     float loss = P.soft_factor * dsum;
     if (hard) {
       const float ce = C.eps == 0.f ? nll
-                                    : fmaf(1.f - C.eps, nll, C.eps_over_v * (kLn2 * acc[2]));
+                                    : fmaf(1.f - C.eps, nll, C.eps_over_v * (kLn2 * red[2]));
       loss = fmaf(C.hard_weight, ce, loss);
     }
     return loss;
@@ -831,24 +903,23 @@ struct RowKD {
 
   template <Divergence D>
   FKD_HD void sweeps(int64_t row, float nll) {
-    bool any_sum_t = false;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) any_sum_t = any_sum_t || sum_t[i];
-    const bool sums_first = (want_gs && D != Divergence::KL) || any_sum_t;
-    float acc[3 + kNT];
-    FKD_UNROLL
-    for (int i = 0; i < 3 + kNT; ++i) acc[i] = 0.f;
+    for (int i = 0; i < kNT; ++i) tc[i].sacc = 0.f;
     float loss;
-    if (sums_first) {
-      sweep<D, true, false, false>(true, acc);
+    if (D == Divergence::KL && want_gs && !any_gt) {
+      // The common case: the student gradient q - p needs no row sum.
+      if (hard) sweep<D, SweepMode::Merged, true, true>(true, acc);
+      else sweep<D, SweepMode::Merged, false, true>(true, acc);
       loss = finish_sums<D>(acc, nll);
-      sweep<D, false, true, true>(false, acc);
+    } else if (!want_gs && !any_gt) {
+      sweep<D, SweepMode::Sums, false, true>(true, acc);
+      loss = finish_sums<D>(acc, nll);
     } else {
-      // Only gradients that need no row sum are written here: kl's student gradient, rkl's
-      // one-teacher gradient p - q, and zeros for teachers of weight 0.
-      if constexpr (D == Divergence::ReverseKL && !kMulti) ssum[0] = -1.f;
-      sweep<D, true, true, true>(true, acc);
+      sweep<D, SweepMode::Sums, false, false>(true, acc);
       loss = finish_sums<D>(acc, nll);
+      if (hard) sweep<D, SweepMode::Write, true, true>(false, acc);
+      else sweep<D, SweepMode::Write, false, true>(false, acc);
     }
     if (g.rank == 0) P.row_loss[row] = loss;
   }
@@ -856,18 +927,23 @@ struct RowKD {
   FKD_HD void run(int64_t row, float gscale) {
     V = P.vocab;
     nt = kMulti ? P.num_teachers : 1;
-    s = static_cast<const TS*>(P.student) + row * P.student_stride;
-    gs = P.grad_student ? static_cast<TS*>(P.grad_student) + row * V : nullptr;
+    sd = P.student_dtype;
+    td = P.teacher_dtype;
+    ssz = dtype_size(sd);
+    tsz = dtype_size(td);
+    s = static_cast<const unsigned char*>(P.student) + row * P.student_stride * ssz;
+    gs = P.grad_student ? static_cast<unsigned char*>(P.grad_student) + row * V * ssz : nullptr;
+    any_gt = false;
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) {
+      Teacher& te = tc[i];
+      te = Teacher{nullptr, nullptr, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0.f, false};
       if (i < nt) {
-        t[i] = static_cast<const TT*>(P.teacher[i]) + row * P.teacher_stride[i];
-        gt[i] = P.grad_teacher[i] ? static_cast<TT*>(P.grad_teacher[i]) + row * V : nullptr;
-        w[i] = P.teacher_weight[i];
-      } else {
-        t[i] = nullptr;
-        gt[i] = nullptr;
-        w[i] = 0.f;
+        te.t = static_cast<const unsigned char*>(P.teacher[i]) + row * P.teacher_stride[i] * tsz;
+        te.gt = P.grad_teacher[i] ? static_cast<unsigned char*>(P.grad_teacher[i]) + row * V * tsz
+                                  : nullptr;
+        te.w = P.teacher_weight[i];
+        any_gt = any_gt || te.gt != nullptr;
       }
     }
     y = -1;
@@ -884,11 +960,11 @@ struct RowKD {
       }
     }
     hard = P.target != nullptr && P.hard_weight != 0.f;
-    hard2 = hard && !C.same_t;
-    count_nf = hard && C.eps != 0.f;
 
     layout(true, true);
-    pass_stats();
+    if (!hard) pass_stats<false, false>();
+    else if (C.same_t) pass_stats<false, true>();
+    else pass_stats<true, true>();
     if (flag_bits != 0) {
       if (g.rank == 0 && P.flags != nullptr) atomic_or_flag(P.flags, flag_bits);
       zero_row(row);
@@ -897,8 +973,10 @@ struct RowKD {
 
     float nll = 0.f;
     if (hard) {  // every thread reads the same element (one broadcast load per warp)
-      const float xy = Elem<TS>::load1(s + y);
+      const float xy = load_elem(s, sd, y);
       nll = -kLn2 * fmaf(xy - ms, kLog2e, -lz1);
+    } else {
+      y = -1;
     }
     want_gs = gs != nullptr;
     cs = C.sf_over_t * gscale;
@@ -911,9 +989,11 @@ struct RowKD {
     const bool rkl1 = !kMulti && P.divergence == Divergence::ReverseKL;
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) {
-      const bool need = i < nt && gt[i] != nullptr && w[i] != 0.f;
-      sum_t[i] = need && !rkl1;
-      ct[i] = need ? C.sf_over_t * gscale * w[i] : 0.f;
+      Teacher& te = tc[i];
+      const bool need = i < nt && te.gt != nullptr && te.w != 0.f;
+      te.sum_t = need && !rkl1;  // one-teacher rkl: S = -1 without a sum
+      // A teacher of weight 0 gets ct = 0 and exact zeros (never 0 * inf).
+      te.ct = need ? C.sf_over_t * gscale * te.w : 0.f;
     }
 
     switch (P.divergence) {

@@ -304,15 +304,15 @@ __global__ void pkt_tile_kernel(PKTTileParams p) {
     const float ssj = p.rsum_s[j], stj = p.rsum_t[j];
     const float ps_j = cs / ssj, pt_j = ct / stj;  // P_ji
     if (p.need_s) {
-      const float g = -c * pt / (ps + eps);
-      const float g_j = -c * pt_j / (ps_j + eps);
+      const float g = c * (ps - pt + eps) / (ps + eps);  // dL/dPs + scale (relation_kd.h)
+      const float g_j = c * (ps_j - pt_j + eps) / (ps_j + eps);
       acc[1] += g * ps;
       gs[j] = 0.5f * (g / ssi + g_j / ssj) * imsj;
     }
     if (p.need_t) {
       const float lg_j = log1pf((pt_j - ps_j) / (ps_j + eps));
-      const float f = c * (lg + pt / (pt + eps));
-      const float f_j = c * (lg_j + pt_j / (pt_j + eps));
+      const float f = c * (lg - eps / (pt + eps));  // dL/dPt - scale
+      const float f_j = c * (lg_j - eps / (pt_j + eps));
       acc[2] += f * pt;
       gt[j] = 0.5f * (f / sti + f_j / stj) * imtj;
     }

@@ -1,7 +1,15 @@
 """Peak CPU memory of one (contender, config), measured in a fresh process.
 
-Run by :func:`fastkd.bench.core.cpu_peak_subprocess` as ``python -m fastkd.bench.child`` with a
-JSON spec on stdin; prints one line ``FASTKD_BENCH_RESULT {...}`` on stdout.
+Two ways to run (both print ``FASTKD_BENCH_RESULT {...}`` lines on stdout):
+
+- ``python -m fastkd.bench.child --server`` (what :class:`fastkd.bench.core.MemoryServer` starts
+  once per run): a clean process that imports torch, fastkd and the suites, never runs a tensor
+  operation itself, and for each JSON spec line on stdin forks a fresh child that does the
+  measurement and exits. This saves the ~3 s interpreter + torch start-up per measurement; the
+  child's address space is a copy of the clean server, with none of the benchmark process's
+  tensors, caches or compiled graphs.
+- ``python -m fastkd.bench.child`` with one JSON spec on stdin: the same measurement in this
+  process (used where ``os.fork`` is not available).
 
 Method (Linux): the child builds the inputs and the contender, runs forward + backward
 ``warmup`` times (first-call costs such as ``torch.compile``, OpenMP thread start-up and lazy
@@ -22,7 +30,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
+import signal
 import sys
 
 from fastkd.bench import core
@@ -52,7 +62,6 @@ def _reset_hwm() -> bool:
 
 
 def _measure(fn, step, inputs, resettable: bool) -> int | None:
-    gc.collect()
     base = _status_kib("VmRSS")
     if resettable:
         if not _reset_hwm():
@@ -67,7 +76,6 @@ def _measure(fn, step, inputs, resettable: bool) -> int | None:
             del result
             return None
     del result
-    gc.collect()
     return max(0, peak - base) * 1024
 
 
@@ -93,6 +101,9 @@ def measure(spec: dict) -> dict:
             del out
         out = core.run_fwd(step, inputs)
         del out
+    # One collection now (not between the measured calls: tensors are freed by reference
+    # counting, and a collection costs ~0.3 s with torch loaded).
+    gc.collect()
     fwd_bwd = _measure(core.run_fwd_bwd, step, inputs, resettable)
     # Without a reset the forward must come second: it cannot raise the high-water mark that
     # forward + backward set, so it is measured only where the reset works.
@@ -108,12 +119,76 @@ def c_backend(name: str) -> str:
     return "reference"
 
 
-def main() -> int:
-    spec = json.loads(sys.stdin.read())
+def _safe_measure(spec: dict) -> dict:
     try:
-        out = measure(spec)
+        return measure(spec)
     except Exception as exc:
-        out = {"status": "OOM" if core.is_oom(exc) else "error", "error": core.describe_error(exc)}
+        return {"status": "OOM" if core.is_oom(exc) else "error",
+                "error": core.describe_error(exc)}
+
+
+def _forked(spec: dict) -> dict:
+    """Measure ``spec`` in a forked child; a child killed by the kernel is reported as OOM."""
+    timeout = int(spec.get("timeout", 900))
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, send the result, exit without cleanup handlers
+        try:
+            os.close(rfd)
+            os.dup2(2, 1)  # stray prints must not corrupt the result protocol on stdout
+            signal.alarm(timeout)
+            data = json.dumps(_safe_measure(spec)).encode()
+            while data:
+                data = data[os.write(wfd, data):]
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    chunks = []
+    with os.fdopen(rfd, "rb") as r:
+        for chunk in iter(lambda: r.read(65536), b""):
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if chunks:
+        return json.loads(b"".join(chunks))
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGKILL:
+            return {"status": "OOM", "error": "measuring process was killed (SIGKILL: out of "
+                                               "memory?)"}
+        if sig == signal.SIGALRM:
+            return {"status": "error", "error": f"measuring process timed out after {timeout} s"}
+        return {"status": "error", "error": f"measuring process died of signal {sig}"}
+    code = os.waitstatus_to_exitcode(status)
+    return {"status": "error", "error": f"measuring process exited with {code}"}
+
+
+def serve() -> int:
+    """The fork server: import once, then one forked measurement per spec line on stdin."""
+    import fastkd
+    import torch  # noqa: F401  (imported once here, shared by every forked child)
+    for name in core.SUITE_MODULES:
+        core.get_suite(name)
+    fastkd.available_backends()  # its probes (e.g. importing triton) are cached for the children
+    gc.collect()
+    gc.freeze()  # the children's collections then skip everything imported here
+    print(core.RESULT_TAG + json.dumps({"status": "ready"}), flush=True)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        try:
+            out = _forked(json.loads(line))
+        except Exception as exc:  # the server must answer every line
+            out = {"status": "error", "error": core.describe_error(exc)}
+        print(core.RESULT_TAG + json.dumps(out), flush=True)
+
+
+def main() -> int:
+    if "--server" in sys.argv[1:]:
+        return serve()
+    out = _safe_measure(json.loads(sys.stdin.read()))
     print(core.RESULT_TAG + json.dumps(out), flush=True)
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import sys
@@ -26,9 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Time and memory of fastkd against stock PyTorch, torch.compile, "
                     "Liger-Kernel and the physical floor, side by side in one process "
                     "(the protocol of BENCHMARKING.md).")
-    p.add_argument("--suite", default="all",
+    p.add_argument("--suite", default="logit",
                    help="logit | fused-linear | feature | relation | all, or a comma list "
-                        "(default: all; suites whose fastkd class is missing are skipped)")
+                        "(default: logit, the few-minute CPU demo; suites whose fastkd class "
+                        "is missing are skipped with a line saying so)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None,
@@ -56,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "at least 1)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory measurement (on CPU: no child processes)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge into an existing results file of the same name (same device): "
+                        "configs run now replace those with the same label, the others are kept "
+                        "(e.g. a GPU run split into several commands)")
     p.add_argument("--no-plot", action="store_true", help="do not write the .png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true",
@@ -94,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
     return args
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def _progress(total: int):
@@ -172,8 +185,8 @@ def main(argv=None) -> int:
         "schema": 1,
         "date": f"{datetime.date.today():%Y-%m-%d}",
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python -m fastkd.bench " + " ".join(shlex.quote(a) for a in
-                                                       (sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python -m fastkd.bench"] + [
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
         "device": info,
         "software": envinfo.software_info(),
         "settings": {
@@ -192,10 +205,27 @@ def main(argv=None) -> int:
             "rotation": f"{core.N_ROTATE} input sets when one set is < "
                         f"{core.ROTATE_BELOW_BYTES >> 20} MiB",
         },
+        # Other processes' load distorts CPU timings: it is recorded so a reader can judge.
+        "load_average": {"start": _loadavg(), "end": None},
         "rates": None,
         "suites": {},
         "wall_s": 0.0,
     }
+
+    if args.merge and os.path.exists(json_path):
+        with open(json_path) as f:
+            old = json.load(f)
+        if old.get("device", {}).get("name") != info.get("name"):
+            print(f"--merge: {json_path} was measured on {old.get('device', {}).get('name')!r}, "
+                  f"not on {info.get('name')!r}; use another --name", file=sys.stderr)
+            return 2
+        doc["suites"] = old.get("suites", {})
+        prev = {k: old.get(k) for k in ("command", "created", "wall_s")}
+        prev["fastkd_git"] = old.get("software", {}).get("fastkd_git")
+        doc["merged_runs"] = old.get("merged_runs", []) + [prev]
+        if prev["fastkd_git"] != doc["software"]["fastkd_git"]:
+            print("--merge: the earlier results come from another fastkd commit or tree state",
+                  file=sys.stderr)
 
     total = sum(len(cfgs) * len(conts) for _, r, cfgs, conts in plan if not r)
     bar, write = _progress(total)
@@ -204,21 +234,29 @@ def main(argv=None) -> int:
 
     def save():
         doc["rates"] = rates.to_dict()
+        doc["load_average"]["end"] = _loadavg()
         doc["wall_s"] = time.perf_counter() - t_start
         report.write_json(json_path, doc)
         report.write_markdown(md_path, doc, os.path.basename(png_path) if not args.no_plot
                               else None)
 
+    for suite, reason, configs, contenders in plan:  # say up front what will not run
+        if reason:
+            write(f"[{suite.name}] skipped: {reason}")
+            if not doc["suites"].get(suite.name, {}).get("configs"):  # keep merged results
+                doc["suites"][suite.name] = {"status": "skipped", "reason": reason,
+                                             "configs": []}
+        for note in getattr(suite, "notes", []) if not reason else []:
+            write(f"[{suite.name}] {note}")
     try:
         for suite, reason, configs, contenders in plan:
             if reason:
-                write(f"[{suite.name}] skipped: {reason}")
-                doc["suites"][suite.name] = {"status": "skipped", "reason": reason, "configs": []}
                 continue
             notes = list(getattr(suite, "notes", []))
-            for note in notes:
-                write(f"[{suite.name}] {note}")
-            entry_list = []
+            labels = {cfg.label for cfg in configs}
+            # --merge: earlier configs that this run does not measure again are kept
+            entry_list = [e for e in doc["suites"].get(suite.name, {}).get("configs", [])
+                          if e["config"]["label"] not in labels]
             doc["suites"][suite.name] = {"status": "ok", "reason": None, "notes": notes,
                                          "configs": entry_list}
             for cfg in configs:
@@ -249,6 +287,7 @@ def main(argv=None) -> int:
         write("interrupted: writing what was measured so far")
     finally:
         bar.close()
+        core.close_memory_server()
     save()
     written = [json_path, md_path]
     if not args.no_plot:

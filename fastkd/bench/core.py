@@ -10,7 +10,7 @@ measured, the same way for all of them (BENCHMARKING.md):
   each call (as ``triton.testing.do_bench`` does). CPU: ``time.perf_counter``.
 - memory: peak memory above what the inputs already hold during one forward + backward (the
   gradients it returns included). CUDA: ``reset_peak_memory_stats`` / ``max_memory_allocated``
-  in this process. CPU: a fresh child process per (contender, config), see :mod:`fastkd.bench.child`.
+  in this process. CPU: a fresh process per (contender, config), see :mod:`fastkd.bench.child`.
 - floor: bytes that must move / measured copy bandwidth and FLOPs / measured ``torch.mm`` rate,
   both measured on the same device in the same run; the floor is the larger of the two.
 - out of memory (``torch.cuda.OutOfMemoryError``, ``MemoryError``, a ``RuntimeError`` saying
@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -154,7 +155,13 @@ class Suite:
             return ", ".join(f"fastkd.{n}" for n in missing) + " not available yet"
         return None
 
+    def make_config(self, dtype: str, shape: dict, params: dict | None = None) -> Config:
+        """One config of this suite (``params`` override the suite's defaults)."""
+        raise NotImplementedError
+
     def configs(self, device: str, sizes: str, dtypes: list | None, opts: dict) -> list:
+        """The configs of ``--sizes`` on ``device`` ("cpu"/"cuda"); ``dtypes`` overrides the
+        suite's default dtypes; ``opts``: {"divergence": list or None}."""
         raise NotImplementedError
 
     def make_inputs(self, cfg: Config, device: torch.device, seed: int) -> dict:
@@ -372,35 +379,112 @@ def cuda_peak(step: Step, inputs: dict, device: torch.device) -> dict:
     return out
 
 
-def cpu_peak_subprocess(suite_name: str, contender: str, cfg: Config, seed: int, warmup: int,
-                        timeout: float = 900.0) -> dict:
-    """Run :mod:`fastkd.bench.child` in a fresh interpreter and return what it measured.
-
-    The child pins glibc's mmap threshold so that every tensor above 128 KiB is its own mapping
-    and goes back to the OS when freed: the resident set then follows the live tensors, and the
-    child's high-water mark (reset after its inputs and warm-up) is the peak of one call.
-    """
-    spec = {"suite": suite_name, "contender": contender, "config": cfg.to_dict(), "seed": seed,
-            "warmup": warmup, "threads": torch.get_num_threads()}
+def _child_env() -> dict:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # Every tensor above 128 KiB gets its own mapping, unmapped when freed (glibc would otherwise
+    # raise the threshold dynamically and keep freed tensors resident, hiding later peaks).
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     env["MALLOC_TRIM_THRESHOLD_"] = str(128 * 1024)
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fastkd.bench.child"],
-                              input=json.dumps(spec), capture_output=True, text=True, env=env,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "error": f"memory child timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    if proc.returncode in (-9, 137):  # SIGKILL: almost always the kernel's OOM killer
-        return {"status": "OOM", "error": "memory child was killed (SIGKILL, out of memory?)"}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": "error", "error": f"memory child exited with {proc.returncode}: {tail}"}
+    return env
+
+
+class MemoryServer:
+    """CPU peak memory, one fresh process per (contender, config).
+
+    Starts ``python -m fastkd.bench.child --server`` once; it imports torch and fastkd and forks
+    a fresh child per measurement (see :mod:`fastkd.bench.child`). Without ``os.fork`` each
+    measurement runs in its own ``python -m fastkd.bench.child`` instead.
+    """
+
+    def __init__(self, timeout: float = 900.0):
+        self.timeout = timeout
+        self.proc = None
+        self.err = None
+
+    def _start(self) -> None:
+        self.close()
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastkd.bench.child", "--server"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, env=_child_env())
+        ready = self._read()
+        if ready.get("status") != "ready":
+            raise RuntimeError(ready.get("error", "memory server did not start"))
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                return {"status": "error", "error": f"memory server exited with "
+                                                    f"{self.proc.returncode}: {self._tail()}"}
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG):])
+
+    def _tail(self) -> str:
+        if self.err is None:
+            return ""
+        self.err.seek(0)
+        lines = [ln for ln in self.err.read().splitlines() if ln.strip()]
+        return lines[-1] if lines else "no output"
+
+    def measure(self, spec: dict) -> dict:
+        spec = dict(spec, timeout=int(self.timeout))
+        if not hasattr(os, "fork"):
+            return self._one_process(spec)
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.proc.stdin.write(json.dumps(spec) + "\n")
+            self.proc.stdin.flush()
+        except (OSError, RuntimeError) as exc:
+            return {"status": "error", "error": f"memory server: {describe_error(exc)}"}
+        return self._read()
+
+    def _one_process(self, spec: dict) -> dict:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "fastkd.bench.child"],
+                                  input=json.dumps(spec), capture_output=True, text=True,
+                                  env=_child_env(), timeout=self.timeout + 60)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "error": f"memory child timed out after {self.timeout} s"}
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG):])
+        if proc.returncode in (-9, 137):  # SIGKILL: almost always the kernel's OOM killer
+            return {"status": "OOM", "error": "memory child was killed (SIGKILL: out of memory?)"}
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "error", "error": f"memory child exited with {proc.returncode}: {tail}"}
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.err is not None:
+            self.err.close()
+            self.err = None
+
+
+_SERVER = MemoryServer()
+
+
+def cpu_peak(suite_name: str, contender: str, cfg: Config, seed: int, warmup: int) -> dict:
+    """Peak extra CPU memory of one (contender, config), measured in a fresh process."""
+    return _SERVER.measure({"suite": suite_name, "contender": contender,
+                            "config": cfg.to_dict(), "seed": seed, "warmup": warmup,
+                            "threads": torch.get_num_threads()})
+
+
+def close_memory_server() -> None:
+    _SERVER.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +544,7 @@ class Rates:
 
     def floor(self, work: dict, dtype: str) -> dict:
         """Floor milliseconds: max(bytes / copy bandwidth, FLOPs / mm rate) for fwd and fwd+bwd."""
-        out = {"basis": work["basis"]}
+        out = {"basis": work["basis"], "copy_GBps": None, "mm_TFLOPs": None}
         for key in ("fwd", "fwd_bwd"):
             nbytes, flops = work[key]
             t_bytes = nbytes / (self.copy() * 1e9) * 1e3 if nbytes else 0.0
@@ -469,6 +553,10 @@ class Rates:
             out[f"{key}_bytes"] = int(nbytes)
             out[f"{key}_flops"] = int(flops)
             out[f"{key}_bound"] = "memory" if t_bytes >= t_flops else "compute"
+            if nbytes:
+                out["copy_GBps"] = self.copy_gbps
+            if flops:
+                out["mm_TFLOPs"] = self.mm_tflops[dtype]
         return out
 
     def to_dict(self) -> dict:
@@ -554,7 +642,7 @@ def measure_memory(suite, cfg, c, step, inputs, device, opts) -> dict:
             free_memory(device)
             return {"mem_status": "OOM" if is_oom(exc) else "error",
                     "mem_note": describe_error(exc)}
-    m = cpu_peak_subprocess(suite.name, c.name, cfg, opts.seed, opts.timing.warmup)
+    m = cpu_peak(suite.name, c.name, cfg, opts.seed, opts.timing.warmup)
     if m.get("status") != "ok":
         return {"mem_status": m.get("status", "error"), "mem_note": m.get("error", "")}
     if m["fwd_bwd"] is None:

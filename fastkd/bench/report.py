@@ -62,8 +62,9 @@ def config_table(cfg, floor, results) -> str:
         rows.append([r["contender"], fmt_ms(r["fwd_ms"]), fmt_ms(r["fwd_bwd_ms"]), mem_cell(r)]
                     + [fmt_ratio(ratios.get(k)) for _, k in RATIO_COLUMNS])
     widths = [max(len(cols[0]), *(len(row[0]) for row in rows))]
+    full = [row for row in rows if len(row) == len(cols)]  # not the one-message rows
     for i in range(1, len(cols)):
-        widths.append(max([len(cols[i])] + [len(row[i]) for row in rows if len(row) > i]))
+        widths.append(max([len(cols[i])] + [len(row[i]) for row in full]))
     lines = [head, "  " + "  ".join(c.rjust(w) if i else c.ljust(w)
                                     for i, (c, w) in enumerate(zip(cols, widths)))]
     for row in rows:
@@ -111,6 +112,10 @@ def markdown(doc: dict, png_name: str | None) -> str:
                  "than X); `x floor` = this forward+backward time / the floor's; peak = extra "
                  "memory above the inputs during forward+backward (gradients included)")
     lines.append(f"- command: `{doc.get('command', '')}`; wall time {doc.get('wall_s', 0):.0f} s")
+    load = doc.get("load_average") or {}
+    if load.get("start"):
+        lines.append(f"- load average (1, 5, 15 min) at start {load['start']}, at end "
+                     f"{load.get('end')}: CPU timings are only comparable within one run")
     if png_name:
         lines += ["", f"![time and memory vs size]({png_name})"]
     for name, suite in doc["suites"].items():
@@ -169,7 +174,12 @@ def write_png(path: str, doc: dict) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(suites), figsize=(6.5 * len(suites), 9.5), squeeze=False)
+    n_series = max(len({(r["contender"], e["config"]["series"]) for e in s["configs"]
+                        for r in e["results"] if r["status"] != "skipped"})
+                   + len({e["config"]["series"] for e in s["configs"]}) for _, s in suites)
+    legend_h = 0.16 * ((n_series + 1) // 2)  # inches of legend under each panel
+    fig, axes = plt.subplots(2, len(suites), figsize=(6.5 * len(suites), 8.0 + 2 * legend_h),
+                             squeeze=False, gridspec_kw={"hspace": 0.25 + legend_h / 3.5})
     for col, (name, suite) in enumerate(suites):
         ax_t, ax_m = axes[0][col], axes[1][col]
         series = []
@@ -216,13 +226,13 @@ def write_png(path: str, doc: dict) -> bool:
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6, loc="best")
+                ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+                          frameon=False)
         ax_t.set_title(f"{name}: time")
         ax_m.set_title(f"{name}: memory")
     dev = doc["device"].get("name")
     fig.suptitle(f"fastkd benchmarks on {dev} ({doc['date']}, torch {doc['software']['torch']})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True

@@ -43,18 +43,21 @@ class FeatureSuite(core.Suite):
     def __init__(self):
         self.notes = []
 
+    def make_config(self, dtype, shape, params=None):
+        p = {"loss": "mse"}
+        p.update(params or {})
+        n, ds, dt = shape["N"], shape["Ds"], shape["Dt"]
+        return core.Config(suite=self.name, label=f"N={n} {ds}->{dt} {dtype} {p['loss']}",
+                           dtype=dtype, shape={"N": n, "Ds": ds, "Dt": dt}, params=p,
+                           size=float(n), size_label="N (feature rows)",
+                           series=f"{ds}->{dt} {dtype} {p['loss']}")
+
     def configs(self, device, sizes, dtypes, opts):
         grid, default_dtypes, losses = SIZES[(device, sizes)]
-        out = []
-        for dtype in dtypes or default_dtypes:
-            for loss in losses:
-                for n, ds, dt in grid:
-                    out.append(core.Config(
-                        suite=self.name, label=f"N={n} {ds}->{dt} {dtype} {loss}", dtype=dtype,
-                        shape={"N": n, "Ds": ds, "Dt": dt}, params={"loss": loss},
-                        size=float(n), size_label="N (feature rows)",
-                        series=f"{ds}->{dt} {dtype} {loss}"))
-        return out
+        return [self.make_config(dtype, {"N": n, "Ds": ds, "Dt": dt}, {"loss": loss})
+                for dtype in dtypes or default_dtypes
+                for loss in losses
+                for n, ds, dt in grid]
 
     def make_inputs(self, cfg, device, seed):
         g = core.generator(device, seed)

@@ -36,21 +36,21 @@ class FusedLinearSuite(core.Suite):
     def __init__(self):
         self.notes = []
 
+    def make_config(self, dtype, shape, params=None):
+        p = {"temperature": TEMPERATURE, "divergence": "jsd", "beta": BETA, "hard_weight": 1.0}
+        p.update(params or {})
+        bt, h, v = shape["BT"], shape["H"], shape["V"]
+        return core.Config(suite=self.name, label=f"BT={bt} H={h} V={v} {dtype} {p['divergence']}",
+                           dtype=dtype, shape={"BT": bt, "H": h, "V": v}, params=p,
+                           size=float(bt), size_label="BT (tokens)",
+                           series=f"H={h} V={v} {dtype} {p['divergence']}")
+
     def configs(self, device, sizes, dtypes, opts):
         grid, default_dtypes = SIZES[(device, sizes)]
-        divergences = opts.get("divergence") or ["jsd"]
-        out = []
-        for dtype in dtypes or default_dtypes:
-            for div in divergences:
-                for bt, h, v in grid:
-                    out.append(core.Config(
-                        suite=self.name, label=f"BT={bt} H={h} V={v} {dtype} {div}", dtype=dtype,
-                        shape={"BT": bt, "H": h, "V": v},
-                        params={"temperature": TEMPERATURE, "divergence": div, "beta": BETA,
-                                "hard_weight": 1.0},
-                        size=float(bt), size_label="BT (tokens)",
-                        series=f"H={h} V={v} {dtype} {div}"))
-        return out
+        return [self.make_config(dtype, {"BT": bt, "H": h, "V": v}, {"divergence": div})
+                for dtype in dtypes or default_dtypes
+                for div in opts.get("divergence") or ["jsd"]
+                for bt, h, v in grid]
 
     def make_inputs(self, cfg, device, seed):
         g = core.generator(device, seed)

@@ -53,21 +53,21 @@ class LogitSuite(core.Suite):
     def __init__(self):
         self.notes = []
 
+    def make_config(self, dtype, shape, params=None):
+        p = {"temperature": TEMPERATURE, "divergence": "kl", "beta": BETA, "hard_weight": 1.0}
+        p.update(params or {})
+        n, v = shape["N"], shape["V"]
+        return core.Config(suite=self.name, label=f"N={n} V={v} {dtype} {p['divergence']}",
+                           dtype=dtype, shape={"N": n, "V": v}, params=p, size=float(n * v),
+                           size_label="N x V (logits per tensor)",
+                           series=f"{dtype} {p['divergence']}")
+
     def configs(self, device, sizes, dtypes, opts):
         grid, default_dtypes = SIZES[(device, sizes)]
-        divergences = opts.get("divergence") or ["kl"]
-        out = []
-        for dtype in dtypes or default_dtypes:
-            for div in divergences:
-                for n, v in grid:
-                    out.append(core.Config(
-                        suite=self.name, label=f"N={n} V={v} {dtype} {div}", dtype=dtype,
-                        shape={"N": n, "V": v},
-                        params={"temperature": TEMPERATURE, "divergence": div, "beta": BETA,
-                                "hard_weight": 1.0},
-                        size=float(n * v), size_label="N x V (logits per tensor)",
-                        series=f"{dtype} {div}"))
-        return out
+        return [self.make_config(dtype, {"N": n, "V": v}, {"divergence": div})
+                for dtype in dtypes or default_dtypes
+                for div in opts.get("divergence") or ["kl"]
+                for n, v in grid]
 
     def make_inputs(self, cfg, device, seed):
         g = core.generator(device, seed)

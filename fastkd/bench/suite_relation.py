@@ -10,8 +10,6 @@ so it is a loose lower bound there.
 """
 from __future__ import annotations
 
-import torch
-
 from fastkd.bench import core, stock
 
 VARIANTS = {  # name: (fastkd class, constructor kwargs, stock function)
@@ -46,6 +44,16 @@ class RelationSuite(core.Suite):
             return ", ".join(f"fastkd.{n}" for n in self.needs) + " not available yet"
         return None
 
+    def make_config(self, dtype, shape, params=None):
+        variant = (params or {}).get("loss", "sp")
+        if variant not in VARIANTS:
+            raise ValueError(f"relation loss must be one of {sorted(VARIANTS)}, got {variant!r}")
+        b, ds, dt = shape["B"], shape["ds"], shape["dt"]
+        d = f"d={ds}" if ds == dt else f"ds={ds} dt={dt}"
+        return core.Config(suite=self.name, label=f"{variant} B={b} {d} {dtype}", dtype=dtype,
+                           shape={"B": b, "ds": ds, "dt": dt}, params={"loss": variant},
+                           size=float(b), size_label="B (batch)", series=f"{variant} {d} {dtype}")
+
     def configs(self, device, sizes, dtypes, opts):
         import fastkd
         batches, dims, default_dtypes = SIZES[(device, sizes)]
@@ -55,15 +63,11 @@ class RelationSuite(core.Suite):
             if not hasattr(fastkd, cls):
                 self.notes.append(f"fastkd.{cls} not available yet: {variant} configs skipped")
                 continue
-            bs = batches["angle" if variant == "rkd" else "main"]
             for dtype in dtypes or default_dtypes:
                 for d in dims:
-                    for b in bs:
-                        out.append(core.Config(
-                            suite=self.name, label=f"{variant} B={b} d={d} {dtype}", dtype=dtype,
-                            shape={"B": b, "ds": d, "dt": d}, params={"loss": variant},
-                            size=float(b), size_label="B (batch)",
-                            series=f"{variant} d={d} {dtype}"))
+                    for b in batches["angle" if variant == "rkd" else "main"]:
+                        out.append(self.make_config(dtype, {"B": b, "ds": d, "dt": d},
+                                                    {"loss": variant}))
         return out
 
     def make_inputs(self, cfg, device, seed):

@@ -19,8 +19,9 @@ from fastkd.feature.reference import COSINE_EPS, LOSSES, feature_kd_reference  #
 
 LOSS_IDS = {"mse": 0, "cosine": 1}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Extension backends read NCHW maps in place with one GEMM per image over its H*W positions;
-# maps with fewer positions than this are transposed to a [N, C] copy first (thin GEMMs are slow).
+# The extension backends read NCHW maps in place (the epilogue sweeps runs of H*W contiguous
+# positions); maps with fewer positions than this are transposed to an [N, C] copy first, where
+# the short runs would leave most vector lanes / threads of the epilogue idle.
 MIN_COLUMNS = 32
 _EXT_OP = "feature_kd_forward"
 
@@ -107,7 +108,6 @@ class _Layout:
     """How the inputs are handed to a kernel, and how its gradients go back to their shapes."""
 
     def __init__(self, student, teacher, cd, backend):
-        self.s_shape, self.t_shape = student.shape, teacher.shape
         x3, t3 = _as_pcq(student, cd), _as_pcq(teacher, cd)
         p, _, q = x3.shape
         self.transposed = backend != "triton" and 1 < q < MIN_COLUMNS
@@ -236,7 +236,7 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
         channel_dim: the channel dimension (``1`` for NCHW maps). Default: ``-1``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``"batchmean"`` = ``"mean"``).
         backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
-        chunk_size: rows per chunk of the fused pass (None: about 4 MB of float32 ``y`` per chunk
+        chunk_size: rows per chunk of the fused pass (None: about 8 MB of float32 ``y`` per chunk
             on CPU, 64 MB on GPU). Only changes speed and peak memory, not the result.
 
     Returns:
@@ -254,9 +254,11 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
     Memory: no ``N x D_t`` float32 tensor outlives a chunk. ``"mean"``/``"sum"`` keep the
     gradients (input-sized, in the inputs' dtypes; ``grad_W``, ``grad_b`` in float32) from forward
     to backward; ``"none"`` keeps nothing but the inputs and recomputes in backward. Conv maps
-    (``channel_dim`` not last) are read in place, one GEMM per image over its ``H*W`` positions;
-    maps with fewer than 32 positions per image are first transposed to an ``[N, C]`` copy by the
-    cpu/cuda backends. Backward may run once per forward for ``"mean"``/``"sum"``.
+    (``channel_dim`` not last) are not transposed: the teacher is read in place, and each chunk of
+    whole images of the student is regrouped as ``[D_s, images, H*W]`` (moving runs of ``H*W``
+    contiguous positions; chunk-sized) so that each GEMM is one call per chunk; maps with fewer
+    than 32 positions per image are instead transposed to an ``[N, C]`` copy by the cpu/cuda
+    backends (the Triton kernels read any strides). Backward may run once per forward for ``"mean"``/``"sum"``.
     """
     loss = _checks.check_choice("loss", loss, LOSSES)
     reduction = _checks.check_reduction(reduction)

@@ -32,7 +32,7 @@ class FeatureKDLoss(torch.nn.Module):
     reduce each chunk against the teacher at once; the gradients for the student, the weight and
     the bias (and the teacher, when it requires grad) come out of the same pass, with ``grad_W``
     and ``grad_b`` accumulated in float32. No ``N x D_t`` float32 tensor is kept between forward
-    and backward. See :func:`fastkd.feature.autograd.feature_kd_loss` for precision (TF32 /
+    and backward. See :func:`fastkd.functional.feature_kd_loss` for precision (TF32 /
     bf16 tensor cores on GPU), the ``"none"`` recompute, and memory.
 
     Args:

@@ -30,10 +30,13 @@ COSINE_EPS = 1e-8
 
 @triton.jit
 def _cast(v, DOT: tl.constexpr):
+    """tl.dot operand: 0 float32, 1 bf16, 2 fp16, 3 bf16-rounded values held in float32."""
     if DOT == 1:
         return v.to(tl.bfloat16)
     elif DOT == 2:
         return v.to(tl.float16)
+    elif DOT == 3:
+        return v.to(tl.bfloat16).to(tl.float32)
     else:
         return v.to(tl.float32)
 
@@ -257,8 +260,13 @@ def feature_kd_forward(x3, t3, weight, bias, loss_id: int, scale: float, row_sca
     dot = _DOT_CODES[x3.dtype] if adapter and weight.dtype == x3.dtype else 0
     prec = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     interpret = dev.type != "cuda"
+    if interpret and dot == 1:
+        # The interpreter's tl.dot on bf16 operands is wrong (triton 3.x): emulate it exactly
+        # (bf16 x bf16 products are exact in float32, accumulation is float32 either way).
+        dot, prec = 3, "ieee"
     if interpret:
-        bm = bn = bk = 16
+        # The interpreter's cost is per tile operation (numpy does the tile): big tiles.
+        bm = bn = bk = 64
         warps, stages = 1, 1
     else:
         bm, bn, bk = 64, 64, 32

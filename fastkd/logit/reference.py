@@ -96,7 +96,12 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
     else:
         stacked = torch.stack([lp + math.log(w) if w > 0 else torch.full_like(lp, -math.inf)
                                for lp, w in zip(logps, weights)])
-        logp = torch.logsumexp(stacked, dim=0)
+        # Entries masked (-inf) in every teacher: logsumexp's gradient there is NaN, so take them
+        # out of the autograd graph and put -inf back.
+        masked = (stacked == -math.inf).all(dim=0)
+        safe = torch.where(masked.unsqueeze(0), torch.zeros_like(stacked), stacked)
+        logp = torch.where(masked, torch.full_like(logps[0], -math.inf),
+                           torch.logsumexp(safe, dim=0))
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
     if target is not None and hard_weight != 0.0:

@@ -18,6 +18,8 @@ The formulas and the final assembly are those of csrc/glue/relation.h (see the c
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +46,7 @@ def _gram(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D,
         b = tl.load(x_ptr + rows_j[None, :] * stride + ks[:, None],
                     mask=mask_j[None, :] & km[:, None], other=0.0)
         if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
     return acc
@@ -173,7 +175,7 @@ def _grad_kernel(xa_ptr, xb_ptr, stride_a, stride_b, B, DA, DB, aux_a_ptr, aux_b
             r = da * inv_mu_a - db * inv_mu_b
             elem = _smooth_l1(r)
             h = _clamp_unit(r)
-            u = tl.where(ca | (valid == 0), 0.0, 1.0 / da)
+            u = tl.where(ca, 0.0, 1.0 / da)  # outside `valid` it is masked below
             w = h * u
             red1 += tl.sum(tl.where(valid, h * da * inv_mu_a, 0.0), axis=1)
             red2 += tl.sum(tl.where(valid, w, 0.0), axis=1)
@@ -190,15 +192,15 @@ def _grad_kernel(xa_ptr, xb_ptr, stride_a, stride_b, B, DA, DB, aux_a_ptr, aux_b
             if TEACHER:  # a = teacher, b = student
                 lg = _log1p((pa - pb) / (pb + eps))
                 elem = pa * lg
-                f = scale * (lg + pa / (pa + eps))
-                f_j = scale * (_log1p((pa_j - pb_j) / (pb_j + eps)) + pa_j / (pa_j + eps))
+                f = scale * (lg - eps / (pa + eps))  # dL/dPt - scale
+                f_j = scale * (_log1p((pa_j - pb_j) / (pb_j + eps)) - eps / (pa_j + eps))
                 red1 += tl.sum(tl.where(valid, f * pa, 0.0), axis=1)
                 w = 0.5 * (f / sa_i[:, None] + f_j / sa_j[None, :]) * aj[None, :]
             else:  # a = student, b = teacher
                 lg = _log1p((pb - pa) / (pa + eps))
                 elem = pb * lg
-                g = -scale * pb / (pa + eps)
-                g_j = -scale * pb_j / (pa_j + eps)
+                g = scale * (pa - pb + eps) / (pa + eps)  # dL/dPs + scale
+                g_j = scale * (pa_j - pb_j + eps) / (pa_j + eps)
                 red1 += tl.sum(tl.where(valid, g * pa, 0.0), axis=1)
                 w = 0.5 * (g / sa_i[:, None] + g_j / sa_j[None, :]) * aj[None, :]
             u = w
@@ -317,7 +319,10 @@ def _angle_r_kernel(gs_ptr, gt_ptr, rds_ptr, rdt_ptr, rs_ptr, es_ptr, rt_ptr, et
 
 # --------------------------------------------------------------------------- host-side drivers
 def _ieee(x):
-    return x.dtype == torch.float32
+    # float32 features: IEEE float32 dots (TF32 would break the 1e-5 accuracy). bfloat16/float16
+    # use native dots (tensor cores, exact products, float32 sums), except under the CPU
+    # interpreter, whose bf16 tl.dot misreads its operands (triton 3.8): there they are upcast.
+    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _block_d(d):
@@ -350,7 +355,7 @@ def _sweep2(loss_id, xa, xb, aux_a, aux_b, st_a, st_b, scale, eps, need_grad, te
                        st_a, st_b, float(scale), float(eps), row_loss, red1, red2, red3,
                        w_out, u_out, LOSS=loss_id, TEACHER=teacher, NEED_GRAD=need_grad,
                        IEEE_A=_ieee(xa), IEEE_B=_ieee(xb), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-                       BD=bd)
+                       BD=bd, num_warps=8)  # 8 warps: no register spills at BD = 128 (sm_90)
     if not need_grad:
         return row_loss, red1, red2, red3, None, None
     return row_loss, red1, red2, red3, w_out, (u_out if loss_id == RKD else None)
@@ -371,8 +376,8 @@ def _gram_apply(x, y):
 def sp_forward(student, teacher, need_s, need_t, *, scale):
     """(loss, grad_student or None, grad_teacher or None) of SP; see csrc/glue/relation.h."""
     xs, xt = _features(student), _features(teacher)
-    dummy = torch.empty(1, dtype=torch.float32, device=xs.device)
-    sq_s, sq_t = _stats(SP, xs, xt, dummy, dummy)
+    unused = torch.zeros(xs.shape[0], dtype=torch.float32, device=xs.device)
+    sq_s, sq_t = _stats(SP, xs, xt, unused, unused)
     norm_s, norm_t = sq_s.sqrt(), sq_t.sqrt()
     inv_s = norm_s.clamp_min(NORM_CLAMP).reciprocal()
     inv_t = norm_t.clamp_min(NORM_CLAMP).reciprocal()

@@ -135,10 +135,13 @@ struct RKDAngleParams {
 // Sweep 1 (pkt_stats): rsum_s[i] = sum_j cs_ij, rsum_t[i] = sum_j ct_ij.
 // Sweep 2 (pkt_tile):
 //   row_loss[i] = sum_j Pt_ij log((Pt_ij + eps) / (Ps_ij + eps))
-//   student: g_ij = -scale Pt_ij / (Ps_ij + eps); row_b_s[i] = sum_j g_ij Ps_ij;
-//            gs_ij <- (g_ij / rsum_s_i + g_ji / rsum_s_j) inv_m_s_j / 2
-//   teacher: f_ij = scale (log((Pt+eps)/(Ps+eps)) + Pt/(Pt+eps)); row_b_t[i] = sum_j f_ij Pt_ij;
-//            gt_ij <- (f_ij / rsum_t_i + f_ji / rsum_t_j) inv_m_t_j / 2
+//   student: g_ij = dL/dPs_ij + scale = scale (Ps_ij - Pt_ij + eps) / (Ps_ij + eps);
+//            row_b_s[i] = sum_j g_ij Ps_ij;  gs_ij <- (g_ij / rsum_s_i + g_ji / rsum_s_j) inv_m_s_j / 2
+//   teacher: f_ij = dL/dPt_ij - scale = scale (log((Pt+eps)/(Ps+eps)) - eps/(Pt+eps));
+//            row_b_t[i] = sum_j f_ij Pt_ij;  gt_ij <- (f_ij / rsum_t_i + f_ji / rsum_t_j) inv_m_t_j / 2
+//   (rows of P sum to 1, so a constant added to row i of dL/dP cancels in the row-sum
+//   correction below; removing the constant `scale` first keeps g and f small when Ps ~ Pt,
+//   instead of cancelling two large terms in float32)
 //   (x_ji uses P_ji = c_ij / rsum_j). W @ X is then the gradient w.r.t. the normalised rows up
 //   to the row-sum correction -beta_i sum_j e_hat_j - sum_j beta_j e_hat_j, beta = b / (2 rsum),
 //   and the chain rule through the normalisation, both applied by the glue.
