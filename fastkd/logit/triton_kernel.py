@@ -8,10 +8,15 @@ For every row r (student logits s, teachers t_i with normalised weights w_i, tem
 with D one of KL(p||q), KL(q||p), JSD_beta, TVD and soft_factor = soft_weight * T^2 (or
 soft_weight without ``t2_scale``). The gradients d row_loss[r] / d s[r, :] and
 d row_loss[r] / d t_i[r, :], multiplied by ``*grad_scale`` when given, are written in the same
-launch. The math (and its order of evaluation) is the one of the CPU and CUDA kernels,
-``csrc/include/fastkd/logit_kd.h``: subtract the raw row maximum before scaling by 1/T, online
-(max, sum-exp) statistics, float32 accumulation, selects so that a zero probability contributes
-exactly 0 (never 0 * inf = NaN).
+launch. The math is the one of the CPU and CUDA kernels (``csrc/include/fastkd/logit_kd.h``):
+subtract the raw row maximum before scaling by 1/T, online (max, sum-exp) statistics, float32
+accumulation, selects so that a zero probability contributes exactly 0 (never 0 * inf = NaN).
+
+Precision: every divergence is written in terms of the log-ratio d = log p - log q, formed as
+(b - a) + log(Zs / Zt) (a, b: the max-shifted scaled logits) rather than as log p - log q, which
+would carry a rounding of size eps * log V (~1e-6) into every term. Near p = q, p - q is taken as
+q expm1(d) and JSD's log(m / q) as log1p(beta expm1(d)) by short series. So a small divergence
+(a student close to its teacher) keeps float32 relative accuracy in its loss and gradients.
 
 Layout: one program per row (grid = N) loops over the vocabulary in ``BLOCK_V`` chunks:
 (1) statistics of the student and of every teacher; (2) the row sums the gradient needs (and the
@@ -102,17 +107,25 @@ def _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs, mask, ms, lzs, mvec, 
     and u = mref + lacc (several teachers: mref = max_i (log p_i + log Zs), lacc = log of the
     weighted sum relative to it; one teacher: mref = u, lacc = 0).
 
-    d is formed as u - a with u = log sum_i w_i exp(b_i + log(Zs / Zt_i)): it carries no rounding
-    of size eps * log V (log q itself does), so small divergences keep their relative accuracy.
+    d is formed without log Z: one teacher, ((t - s) - (max t - max s)) / T + log(Zs / Zt);
+    several, u - a with u = log sum_i w_i exp(b_i + log(Zs / Zt_i)). It carries no rounding of
+    size eps * log V (log q itself does), so small divergences keep their relative accuracy.
     """
     s = _load_row(s_row, offs, mask)
     a = (s - ms) * inv_t
     q = tl.exp(a - lzs)
     if NT == 1:
-        u = _teacher_b(t_ptrs, t_strides, row, 0, offs, mask, mvec, tix, inv_t) \
-            + _pick(dlvec, tix, 0)
+        t = _load_row(t_ptrs[0] + row * t_strides[0], offs, mask)
+        mt = _pick(mvec, tix, 0)
+        dl = _pick(dlvec, tix, 0)
+        u = (t - mt) * inv_t + dl
         mref = u
         lacc = tl.zeros([BLOCK_V], tl.float32)
+        # d from the raw difference t - s (exact when t and s are close) rather than from the
+        # separately rounded b and a: a student near its teacher keeps d to float32 precision.
+        d = tl.where(u == float("-inf"), float("-inf"),
+                     tl.where(s == float("-inf"), float("inf"),
+                              ((t - s) - (mt - ms)) * inv_t + dl))
     else:
         # Two unrolled sweeps over the teachers (max, then sum) cost one exp per teacher and
         # element instead of two for an online merge; the reloads hit the cache. The weights
@@ -131,7 +144,7 @@ def _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs, mask, ms, lzs, mvec, 
         mref = ref
         lacc = tl.log(acc)
         u = ref + lacc  # acc = 0 (every teacher -inf) gives -inf
-    d = tl.where(u == float("-inf"), float("-inf"), u - a)  # p = 0: -inf; q = 0 < p: +inf
+        d = tl.where(u == float("-inf"), float("-inf"), u - a)  # p = 0: -inf; q = 0 < p: +inf
     p = tl.exp(u - lzs)
     return s, q, u, d, p, mref, lacc
 
@@ -147,6 +160,23 @@ def _expm1_small(x):
     r = 1.0 + x * (1.0 / 3.0) * r
     r = 1.0 + x * 0.5 * r
     return x * r
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x), accurate near 0: 2 atanh(x / (2 + x)) to z^11 for |x| < 0.25."""
+    z = x / (2.0 + x)
+    z2 = z * z
+    small = 2.0 * z * (1.0 + z2 * (1.0 / 3.0 + z2 * (0.2 + z2 * (1.0 / 7.0 + z2 * (
+        1.0 / 9.0 + z2 * (1.0 / 11.0))))))
+    return tl.where(tl.abs(x) < 0.25, small, tl.log(1.0 + x))
+
+
+@triton.jit
+def _shift_terms(p, q, d):
+    """Terms of B = sum_{p>0} p (exp(-d) - 1) and m0 = sum_{p=0} q (see the kernel)."""
+    b = tl.where(p == 0, 0.0, tl.where(tl.abs(d) < 0.5, p * _expm1_small(-d), q - p))
+    return b, tl.where(p == 0, q, 0.0)
 
 
 @triton.jit
@@ -277,8 +307,10 @@ def _logit_kd_kernel(
 
     # ---- sweep 2: row sums (and the loss) --------------------------------------------------
     acc_a = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl: D terms; jsd: Kp terms; tvd: |p - q|
-    acc_b = tl.zeros([BLOCK_V], tl.float32)   # jsd: Kq terms; tvd: q h terms
+    acc_b = tl.zeros([BLOCK_V], tl.float32)   # jsd: Kq terms; tvd: q h terms; kl/rkl: B terms
+    acc_m = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl with one teacher: m0 terms
     acc_ls = tl.zeros([BLOCK_V], tl.float32)  # label smoothing: sum over finite s of (s - ms)
+    acc_c = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p == q (acc_b: p > q, acc_m: p < q)
     svec = tl.zeros([NT_PAD], tl.float32)     # S_i of the teachers that need a gradient
     if SUMS:
         for start in range(0, hi2, BLOCK_V):
@@ -294,14 +326,22 @@ def _logit_kd_kernel(
                 acc_a += tl.where(p == 0, 0.0, p * d)
             elif DIV == 1:
                 acc_a += tl.where(q == 0, 0.0, -q * d)
-            elif DIV == 2:
+            if (DIV == 0 or DIV == 1) and NT == 1:
+                sb, sm = _shift_terms(p, q, d)
+                acc_b += sb
+                acc_m += sm
+            if DIV == 2:
                 e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
                 acc_a += tl.where(p == 0, 0.0, p * f)
                 acc_b += tl.where(q == 0, 0.0, -q * e)
-            else:
+            elif DIV == 3:
+                # q mass in the sign classes of p - q: h - sum q h is then formed from small
+                # masses without cancelling (sum q h ~ -1/2 for a student far from its teacher).
                 diff = _p_minus_q(p, q, d)
                 acc_a += tl.abs(diff)
-                acc_b += q * (-0.5 * _sign(diff))
+                acc_b += tl.where(diff > 0, q, 0.0)
+                acc_m += tl.where(diff < 0, q, 0.0)
+                acc_c += tl.where(diff == 0, q, 0.0)
             if SMOOTH:
                 acc_ls += tl.where(s == NEG_INF, 0.0, s - ms)
             if NEED_T_ANY:
@@ -346,6 +386,10 @@ def _logit_kd_kernel(
                 diff = _p_minus_q(p, q, d)
             if not SUMS:
                 acc_d += tl.where(p == 0, 0.0, p * d)
+                if NT == 1:
+                    sb, sm = _shift_terms(p, q, d)
+                    acc_b += sb
+                    acc_m += sm
                 if SMOOTH:
                     acc_ls += tl.where(s == NEG_INF, 0.0, s - ms)
             if NEED_S:
@@ -356,7 +400,12 @@ def _logit_kd_kernel(
                 elif DIV == 2:
                     da = tl.where(q == 0, 0.0, (1.0 - beta) * q * (-e - sum_b))
                 else:
-                    da = q * (-0.5 * _sign(diff) - sum_b)
+                    # h_v - sum_u q_u h_u by class: p > q: -B - C/2; p < q: A + C/2; else (A - B)/2
+                    tvd_a = sum_b
+                    tvd_b = tl.sum(acc_m, axis=0)
+                    tvd_c = tl.sum(acc_c, axis=0)
+                    da = q * tl.where(diff > 0, -tvd_b - 0.5 * tvd_c,
+                                      tl.where(diff < 0, tvd_a + 0.5 * tvd_c, 0.5 * (tvd_a - tvd_b)))
                 gs = cf * da
                 if HARD:
                     q1 = tl.exp(s - ms - lz1)
@@ -381,6 +430,7 @@ def _logit_kd_kernel(
                         tl.store(gt_ptr + g_row + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
         if not SUMS:
             d_row = tl.sum(acc_d, axis=0)
+            sum_b = tl.sum(acc_b, axis=0)
         # Rows that do not count (ignored, bad target, all -inf): the buffers are uninitialised.
         hi0 = tl.where(live, 0, V)
         for start in range(0, hi0, BLOCK_V):
@@ -394,7 +444,20 @@ def _logit_kd_kernel(
                     gt_ptr = gt_ptrs[i]
                     tl.store(gt_ptr + g_row + offs, zero.to(gt_ptr.dtype.element_ty), mask=mask)
 
-    loss = soft_factor * d_row
+    d_loss = d_row
+    if (DIV == 0 or DIV == 1) and NT == 1:
+        # d carries one common rounding error eps from log(Zs / Zt) (~1e-7), which KL and reverse
+        # KL take at first order, noticeable when D itself is ~1e-4. Since
+        # sum_{p>0} p exp(-d) = 1 - m0 exactly, eps = log1p(-m0) - log1p(B); remove it from the
+        # loss (the gradient, q (-d - D) for reverse KL, is consistent without it). Applied only
+        # where it is a rounding-sized correction.
+        shift = _log1p(-tl.sum(acc_m, axis=0)) - _log1p(sum_b)
+        shift = tl.where(tl.abs(shift) < 1e-4, shift, 0.0)
+        if DIV == 0:
+            d_loss = d_row - shift
+        else:
+            d_loss = d_row + shift
+    loss = soft_factor * d_loss
     if HARD:
         if SMOOTH:
             # sum over finite v of -log q1_v = nf log Z1 - sum (s_v - ms)
