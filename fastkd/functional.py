@@ -1,35 +1,102 @@
 """Functional forms of the fastkd losses (``torch.nn.functional`` style)."""
 from __future__ import annotations
 
+from fastkd import distributed as _distributed
 from fastkd.feature import autograd as _feature
 from fastkd.logit import autograd as _logit
 from fastkd.relation import autograd as _relation
 
 feature_kd_loss = _feature.feature_kd_loss
-sp_loss = _relation.sp_loss
-rkd_loss = _relation.rkd_loss
-pkt_loss = _relation.pkt_loss
 
 
-def kd_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, soft_weight=1.0,
-            hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True, ignore_index=-100,
-            label_smoothing=0.0, reduction="mean", teacher_weights=None, backend="auto"):
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                         target=None, student_bias=None, teacher_bias=None, teacher_logits=None,
+                         *, teacher_topk=None, chunk_size=None, temperature=1.0, soft_weight=1.0,
+                         hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True,
+                         ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                         backend="auto"):
+    r"""Logit KD with the lm_head fused in (no ``N x V`` logits held); see
+    :class:`fastkd.FusedLinearKDLoss` for the arguments and formula."""
+    from fastkd.logit.fused_linear import fused_linear_kd_loss as impl
+    return impl(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                student_bias, teacher_bias, teacher_logits, teacher_topk=teacher_topk,
+                chunk_size=chunk_size, temperature=temperature, soft_weight=soft_weight,
+                hard_weight=hard_weight, divergence=divergence, beta=beta, t2_scale=t2_scale,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                backend=backend)
+
+
+
+
+def sp_loss(student_features, teacher_features, *, reduction="mean", backend="auto",
+            gather=False):
+    r"""Similarity-preserving KD loss (Tung & Mori 2019); see :class:`fastkd.SPLoss`.
+
+    ``gather``: ``True`` (the default ``torch.distributed`` group, when initialised) or a
+    process group: compute the loss over the global batch, all-gathered with gradient (see
+    :func:`fastkd.distributed.gather_rows`). Default: False.
+    """
+    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    return _relation.sp_loss(s, t, reduction=reduction, backend=backend)
+
+
+def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_weight=2.0,
+             reduction="mean", backend="auto", gather=False):
+    r"""Relational KD loss (Park et al. 2019); see :class:`fastkd.RKDLoss`.
+
+    ``gather``: as in :func:`sp_loss`.
+    """
+    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    return _relation.rkd_loss(s, t, distance_weight=distance_weight, angle_weight=angle_weight,
+                              reduction=reduction, backend=backend)
+
+
+def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", backend="auto",
+             gather=False):
+    r"""Probabilistic knowledge transfer loss (Passalis & Tefas 2018); see :class:`fastkd.PKTLoss`.
+
+    ``gather``: as in :func:`sp_loss`.
+    """
+    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    return _relation.pkt_loss(s, t, eps=eps, reduction=reduction, backend=backend)
+
+
+def kd_loss(student_logits, teacher_logits=None, target=None, *, temperature=1.0,
+            soft_weight=1.0, hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True,
+            ignore_index=-100, label_smoothing=0.0, reduction="mean", teacher_weights=None,
+            backend="auto", teacher_topk=None, process_group=None):
     r"""Fused logit distillation loss; see :class:`fastkd.KDLoss` for the formula.
 
     Args:
         student_logits: ``[*, V]`` float32/bfloat16/float16 (float64: reference backend only).
-        teacher_logits: ``[*, V]`` tensor, or a list of them for several teachers.
+        teacher_logits: ``[*, V_t]`` tensor, or a list of them for several teachers (the
+            vocabularies are cut to the shortest one, see :class:`fastkd.KDLoss`).
+        teacher_topk: ``(indices [*, k] int64, logprobs [*, k])`` in place of
+            ``teacher_logits``: a sparse top-k teacher (see :class:`fastkd.KDLoss`).
         target: optional ``[*]`` integer class indices for the hard cross-entropy term.
+        process_group: vocabulary-parallel KD over this ``torch.distributed`` group (the logits
+            are this rank's vocabulary shard; see :func:`fastkd.distributed.vocab_parallel_kd_loss`).
         (the keyword arguments are those of :class:`fastkd.KDLoss`)
 
     Returns:
         float32 scalar (``"mean"``/``"sum"``) or ``[*]`` row losses (``"none"``).
     """
+    if process_group is not None and _distributed.is_parallel(process_group):
+        if teacher_topk is not None:
+            raise ValueError("teacher_topk is not supported with a process_group "
+                             "(vocabulary-parallel KD takes sharded teacher logits)")
+        return _distributed.vocab_parallel_kd_loss(
+            student_logits, teacher_logits, target, process_group=process_group,
+            temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+            divergence=divergence, beta=beta, t2_scale=t2_scale, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction,
+            teacher_weights=teacher_weights, backend=backend)
     return _logit.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
                           soft_weight=soft_weight, hard_weight=hard_weight,
                           divergence=divergence, beta=beta, t2_scale=t2_scale,
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
-                          reduction=reduction, teacher_weights=teacher_weights, backend=backend)
+                          reduction=reduction, teacher_weights=teacher_weights, backend=backend,
+                          teacher_topk=teacher_topk)
 
 
-__all__ = ["kd_loss", "feature_kd_loss", "sp_loss", "rkd_loss", "pkt_loss"]
+__all__ = ["kd_loss", "fused_linear_kd_loss", "feature_kd_loss", "sp_loss", "rkd_loss", "pkt_loss"]

@@ -15,7 +15,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   # kernels compile and link.
   pip install -q "torch==${FASTKD_TORCH_VERSION:-2.14.1}"
 fi
-pip install -q numpy ninja pybind11 pytest pytest-benchmark hypothesis tqdm matplotlib
+pip install -q numpy ninja pybind11 pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn scipy
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

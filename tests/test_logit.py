@@ -297,7 +297,7 @@ def test_bad_arguments(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("args,exc,match", [
-    ((S, torch.randn(4, 11)), ValueError, "teacher_logits"),
+    ((S, torch.randn(4, 1, 10)), ValueError, "teacher_logits"),
     ((S, torch.randn(5, 10)), ValueError, "teacher_logits"),
     ((S, T, torch.zeros(3, dtype=torch.long)), ValueError, "target"),
     ((S, T, torch.zeros(4)), TypeError, "target"),

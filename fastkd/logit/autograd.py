@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks, _ext
+from fastkd import _backend, _checks, _ext, _ops
 from fastkd._reduce import count_rows, reduce_rows
 from fastkd.logit.reference import DIVERGENCES, kd_rows_reference
 
@@ -86,9 +86,12 @@ def validate_inputs(student_logits, teacher_logits, target):
         raise ValueError(f"student_logits must have a vocabulary dimension V >= 1, got shape "
                          f"{tuple(student_logits.shape)}")
     for name, t in zip(names, teachers):
-        if t.shape != student_logits.shape:
+        # Only the vocabulary may differ (SPEC §1b: the first min(V_s, V_t) entries are compared).
+        if t.dim() != student_logits.dim() or t.shape[:-1] != student_logits.shape[:-1] \
+                or t.shape[-1] < 1:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but student_logits has shape "
-                             f"{tuple(student_logits.shape)}; they must match")
+                             f"{tuple(student_logits.shape)}; they must match in every dimension "
+                             f"but the last (vocabulary)")
     lead = student_logits.shape[:-1]
     if target is not None:
         if not isinstance(target, torch.Tensor):
@@ -133,64 +136,127 @@ def _triton_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, 
 KERNELS = {"cpu": _ext_kernel, "cuda": _ext_kernel, "triton": _triton_kernel}
 
 
-class _FusedLogitKD(torch.autograd.Function):
-    """Forward runs the fused kernel (loss + gradients); backward scales the saved gradients."""
+def match_vocab(student, teachers):
+    """Vocabulary mismatch (SPEC §1b): keep the first min(V) entries of every side.
 
-    @staticmethod
-    def forward(ctx, backend, cfg, weights, lead_shape, target, student, *teachers):
-        vocab = student.shape[-1]
-        s2 = _as_rows(student)
-        t2 = [_as_rows(t).to(teachers[0].dtype) for t in teachers]
-        tgt = None if target is None else target.reshape(-1).to(torch.int64).contiguous()
-        need_s = ctx.needs_input_grad[5]
-        need_t = [bool(x) for x in ctx.needs_input_grad[6:]]
-        count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+    Slicing is the same as masking the extra entries with -inf before the softmax (they get
+    probability 0 and a zero gradient) without reading them; the slices are views.
+    """
+    vocab = min([student.shape[-1]] + [t.shape[-1] for t in teachers])
+    if student.shape[-1] != vocab:
+        student = student[..., :vocab]
+    return student, [t if t.shape[-1] == vocab else t[..., :vocab] for t in teachers]
+
+
+def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
+                  teacher_weights):
+    from fastkd.logit import topk
+    if teacher_logits is not None:
+        raise ValueError("give either teacher_logits or teacher_topk, not both")
+    if teacher_topk is None:
+        raise ValueError("teacher_logits is None: give teacher logits or teacher_topk")
+    if teacher_weights is not None:
+        raise ValueError("teacher_weights applies to a list of teacher_logits, not to "
+                         "teacher_topk")
+    student, _, target = validate_inputs(student_logits, student_logits, target)
+    name = _backend.resolve_backend(backend, student.device)
+    if name != "reference" and student.dtype not in _KERNEL_DTYPES:
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 logits; "
+                               f"use backend='reference' for float64")
+        name = "reference"
+    return topk.kd_loss_topk(student, teacher_topk, target, cfg, name)
+
+
+# The fused kernels behind one torch.library custom op (the pattern is described in fastkd/_ops.py).
+LOGIT_KD_SCHEMA = (
+    "(Tensor student, Tensor[] teachers, Tensor? target, float[] weights, float temperature, "
+    "float soft_weight, float hard_weight, str divergence, float beta, bool t2_scale, "
+    "int ignore_index, float label_smoothing, str reduction, bool need_grad_student, "
+    "bool[] need_grad_teachers, str backend) -> (Tensor, Tensor, Tensor[])")
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd", mutates_args=(), schema=LOGIT_KD_SCHEMA)
+def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, hard_weight,
+                divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
+                need_grad_student, need_grad_teachers, backend):
+    """``fastkd::logit_kd``: the fused kernel of ``backend`` (cpu, cuda, triton) on rows.
+
+    ``student`` ``[N, V]``, ``teachers`` ``[N, V]`` each in one dtype, ``target`` ``[N]`` int64
+    or None; the configuration as validated by :class:`LogitKDConfig` (``reduction`` without the
+    alias). Returns ``(loss, grad_student, grad_teachers)``: the float32 loss (a scalar, or ``[N]``
+    row losses with ``"none"``) and its gradients (each ``[N, V]`` in its input's dtype, or a
+    ``[0]`` placeholder where ``need_grad_*`` is false). Raises the data-dependent errors of SPEC
+    §Errors (target out of range, a row that is -inf everywhere) from the kernel's flags.
+    """
+    cfg = LogitKDConfig(temperature=temperature, soft_weight=soft_weight,
+                        hard_weight=hard_weight, divergence=divergence, beta=beta,
+                        t2_scale=t2_scale, ignore_index=ignore_index,
+                        label_smoothing=label_smoothing, reduction=reduction)
+    student = _unit_stride(student)
+    teachers = [_unit_stride(t) for t in teachers]
+    tgt = None if target is None else target.contiguous()
+    with _ops.kernel_context(student.device):
+        count = count_rows(tgt, cfg.ignore_index, student.shape[0], student.device)
         grad_scale = (1.0 / count).reshape(1) if cfg.reduction == "mean" else None
         row_loss, grad_s, grad_t, flags = KERNELS[backend](
-            s2, t2, tgt, weights, cfg, grad_scale, need_s, need_t)
+            student, teachers, tgt, list(weights), cfg, grad_scale, bool(need_grad_student),
+            [bool(n) for n in need_grad_teachers])
         flag_bits = int(flags.item())
         if flag_bits:
-            raise_flags(flag_bits, cfg.ignore_index, vocab, len(teachers) > 1)
-        ctx.reduction = cfg.reduction
-        ctx.shapes = [student.shape] + [t.shape for t in teachers]
-        ctx.teacher_dtypes = [t.dtype for t in teachers]
-        ctx.consumed = False
-        ctx.save_for_backward(grad_s, *grad_t)
-        return reduce_rows(row_loss, cfg.reduction, lead_shape, count)
+            raise_flags(flag_bits, cfg.ignore_index, student.shape[-1], len(teachers) > 1)
+        loss = reduce_rows(row_loss, cfg.reduction, row_loss.shape, count)
+    grad_s = _ops.placeholder(student) if grad_s is None else grad_s
+    grad_t = [_ops.placeholder(t) if g is None else g for g, t in zip(grad_t, teachers)]
+    return loss, grad_s, grad_t
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.consumed:
-            raise RuntimeError(
-                "fastkd KD loss: backward ran twice through the same graph. The fused kernel "
-                "computes the gradient once in the forward pass and scales it in place, so "
-                "retain_graph=True with a second backward is not supported; recompute the loss.")
-        ctx.consumed = True
-        saved = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_output.reshape(-1, 1).float()
-        elif grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-            scale = None  # the common case: loss.backward() on the reduced loss
-        else:
-            scale = grad_output.reshape(1, 1).float()
-        grads = []
-        for g, shape, dtype in zip(saved, ctx.shapes, [None] + ctx.teacher_dtypes):
-            if g is None:
-                grads.append(None)
-                continue
-            if scale is not None:
-                g.mul_(scale)  # in place: no second N x V buffer
-            g = g.view(shape)
-            grads.append(g if dtype is None else g.to(dtype))
-        return (None, None, None, None, None, *grads)
+
+@logit_kd_op.register_fake
+def _logit_kd_fake(student, teachers, target, weights, temperature, soft_weight, hard_weight,
+                   divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
+                   need_grad_student, need_grad_teachers, backend):
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else (),
+                             dtype=torch.float32)
+    grad_s = student.new_empty(student.shape) if need_grad_student else _ops.placeholder(student)
+    grad_t = [t.new_empty(t.shape) if n else _ops.placeholder(t)
+              for t, n in zip(teachers, need_grad_teachers)]
+    return loss, grad_s, grad_t
+
+
+def _logit_kd_setup(ctx, inputs, output):
+    *_, reduction, need_s, need_t, _backend_name = inputs
+    _, grad_s, grad_t = output
+    ctx.reduction = reduction
+    _ops.save_gradients(ctx, [grad_s, *grad_t], [need_s, *need_t])
+
+
+def _logit_kd_backward(ctx, grad_loss, _grad_s, _grad_t):
+    saved = ctx.saved_tensors
+    if grad_loss is None:
+        grads = [None] * len(saved)
+    else:
+        grads = _ops.scale_saved(ctx, saved, grad_loss, "KD loss",
+                                 per_row=ctx.reduction == "none")
+    return (grads[0], list(grads[1:])) + (None,) * 14
+
+
+logit_kd_op.register_autograd(_logit_kd_backward, setup_context=_logit_kd_setup)
 
 
 def kd_loss(student_logits, teacher_logits, target=None, *, teacher_weights=None, backend="auto",
-            **config):
+            teacher_topk=None, **config):
     """See :func:`fastkd.functional.kd_loss`."""
     cfg = LogitKDConfig(**config)
     backend = _backend.check_backend_name(backend)
+    if teacher_topk is not None or teacher_logits is None:
+        return _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
+                             teacher_weights)
     student, teachers, target = validate_inputs(student_logits, teacher_logits, target)
+    student, teachers = match_vocab(student, teachers)
     weights = _checks.check_weights("teacher_weights", teacher_weights, len(teachers))
     lead_shape = student.shape[:-1]
     name = _backend.resolve_backend(backend, student.device)
@@ -204,8 +270,15 @@ def kd_loss(student_logits, teacher_logits, target=None, *, teacher_weights=None
         s2 = student.reshape(-1, student.shape[-1])
         t2 = [t.reshape(-1, t.shape[-1]) for t in teachers]
         tgt = None if target is None else target.reshape(-1).to(torch.int64)
-        rows = kd_rows_reference(s2, t2, tgt, **cfg.reference_kwargs(weights))
-        count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
-        out = reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
-        return out
-    return _FusedLogitKD.apply(name, cfg, weights, lead_shape, target, student, *teachers)
+        with _ops.no_autocast(s2.device):
+            rows = kd_rows_reference(s2, t2, tgt, **cfg.reference_kwargs(weights))
+            count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+            return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
+    s2 = _as_rows(student)
+    t2 = [_as_rows(t).to(teachers[0].dtype) for t in teachers]
+    tgt = None if target is None else target.reshape(-1).to(torch.int64)
+    loss, _, _ = logit_kd_op(
+        s2, t2, tgt, weights, cfg.temperature, cfg.soft_weight, cfg.hard_weight, cfg.divergence,
+        cfg.beta, cfg.t2_scale, cfg.ignore_index, cfg.label_smoothing, cfg.reduction,
+        _ops.needs_grad(s2), [_ops.needs_grad(t) for t in t2], name)
+    return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

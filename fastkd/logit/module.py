@@ -55,9 +55,34 @@ class KDLoss(torch.nn.Module):
         reduction (str): ``"mean"`` | ``"sum"`` | ``"none"`` (``"batchmean"`` = ``"mean"``).
         teacher_weights (sequence of float, optional): mixing weights of several teachers.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        process_group (``torch.distributed`` group, optional): vocabulary parallelism. Every
+            rank of the group holds the same rows and a contiguous shard of the vocabulary
+            (rank order = column order, sizes may differ) of the student and teacher logits,
+            and the same ``target`` (global ids); the loss is that of the full vocabulary, on
+            every rank, and backward gives each rank the gradient of its shards. O(N) floats
+            are all-reduced per call, never the logits. See
+            :func:`fastkd.distributed.vocab_parallel_kd_loss`. Default: None (no parallelism;
+            a group of one rank is the same).
+
+    Vocabulary mismatch: if a teacher's last dimension :math:`V_t` differs from the student's
+    :math:`V_s`, the first :math:`\min(V_s, V_t)` entries are compared and the extra entries of
+    the longer side are masked out (as if ``-inf``) before both softmaxes, the hard CE included:
+    they get zero gradient and ``target`` must lie in :math:`[0, \min(V_s, V_t))`.
+
+    Sparse teacher (offline KD): ``teacher_topk=(indices, logprobs)``, each :math:`(*, k)`, in
+    place of ``teacher_logits``: the teacher's k listed vocabulary entries (distinct,
+    :math:`1 \le k \le V`) and their log-probabilities, taken as given — store
+    ``log_softmax(t / T)`` of the distillation temperature; fastkd does not re-temper them. The
+    divergence is computed over k + 1 buckets: the listed entries, with :math:`P_j` =
+    ``exp(logprobs_j)`` and :math:`Q_j = q_{\text{indices}_j}`, and one residual bucket
+    :math:`1 - \sum_j P_j` (clamped at 0) against the student's remaining mass
+    :math:`1 - \sum_j Q_j`. With ``k == V`` the residual bucket is empty on both sides and the
+    loss equals the dense one. ``logprobs`` get no gradient. On every backend this path runs in
+    row chunks of PyTorch ops (loss and gradient in the forward pass), not a fused kernel.
 
     Shape:
-        - student_logits: :math:`(*, V)`; teacher_logits: :math:`(*, V)` or a list of them.
+        - student_logits: :math:`(*, V)`; teacher_logits: :math:`(*, V_t)` or a list of them.
+        - teacher_topk (instead of teacher_logits): ``(indices, logprobs)``, :math:`(*, k)` each.
         - target (optional): :math:`(*)`, integer class indices.
         - Output: scalar float32, or :math:`(*)` with ``reduction="none"``.
 
@@ -68,7 +93,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean", teacher_weights=None, backend="auto"):
+                 reduction="mean", teacher_weights=None, backend="auto", process_group=None):
         super().__init__()
         # Validate eagerly so that a bad argument fails at construction, naming itself.
         self._config = dict(temperature=temperature, soft_weight=soft_weight,
@@ -81,15 +106,112 @@ class KDLoss(torch.nn.Module):
             teacher_weights = _checks.check_weights("teacher_weights", teacher_weights, n)
         self.teacher_weights = teacher_weights
         self.backend = _backend.check_backend_name(backend)
+        self.process_group = process_group
         for key, value in self._config.items():
             setattr(self, key, value)
 
-    def forward(self, student_logits, teacher_logits, target=None):
+    def forward(self, student_logits, teacher_logits=None, target=None, *, teacher_topk=None):
         config = {key: getattr(self, key) for key in self._config}
+        if self.process_group is not None:
+            from fastkd import distributed
+            if distributed.is_parallel(self.process_group):
+                if teacher_topk is not None:
+                    raise ValueError("teacher_topk is not supported with a process_group "
+                                     "(vocabulary-parallel KD takes sharded teacher logits)")
+                return distributed.vocab_parallel_kd_loss(
+                    student_logits, teacher_logits, target, process_group=self.process_group,
+                    teacher_weights=self.teacher_weights, backend=self.backend, **config)
         return _logit.kd_loss(student_logits, teacher_logits, target,
-                              teacher_weights=self.teacher_weights, backend=self.backend, **config)
+                              teacher_weights=self.teacher_weights, backend=self.backend,
+                              teacher_topk=teacher_topk, **config)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
                 f"soft_weight={self.soft_weight}, hard_weight={self.hard_weight}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    r"""Logit KD for large vocabularies with the lm_head fused in: the ``N x V`` logits are
+    never held at once (SPEC §1b).
+
+    Computes exactly :class:`KDLoss` (same arguments, same formula) on
+
+    .. math::
+        s = h_s W_s^\top + b_s,\qquad t = h_t W_t^\top + b_t \ \text{(or given teacher logits)}
+
+    processing rows in chunks: per chunk, one GEMM per side gives the logits, the fused KD
+    kernel gives the row losses and the logit gradients, and two GEMMs turn those into the
+    chunk's ``grad student_hidden`` rows and its share of ``grad student_weight``. Extra memory:
+    O(chunk * V + N), independent of N.
+
+    Args:
+        (those of :class:`KDLoss`), plus
+        chunk_size (int, optional): rows per chunk. Default: None (auto: the chunk's logits and
+            logit gradients take ~1/8 of the free GPU memory, clamped to [64 MiB, 1 GiB], or
+            256 MiB on CPU).
+
+    Forward:
+        ``fn(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+        target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
+        teacher_topk=None)`` with exactly one teacher: ``teacher_hidden`` + ``teacher_weight``
+        (+ ``teacher_bias``), or ``teacher_logits``, or ``teacher_topk=(indices, logprobs)``
+        (sparse top-k teacher, as in :class:`KDLoss`).
+
+    Shape:
+        - student_hidden: :math:`(*, H_s)`; student_weight: :math:`(V_s, H_s)`;
+          student_bias: :math:`(V_s)`.
+        - teacher_hidden: :math:`(*, H_t)`; teacher_weight: :math:`(V_t, H_t)`;
+          teacher_bias: :math:`(V_t)`; or teacher_logits: :math:`(*, V_t)`; or teacher_topk:
+          two :math:`(*, k)` tensors.
+        - target (optional): :math:`(*)`. Output: scalar float32, or :math:`(*)` with
+          ``reduction="none"``.
+
+    Vocabulary mismatch: with :math:`V_t \ne V_s` the first :math:`\min(V_s, V_t)` entries are
+    compared and the extra entries of the longer side are masked out before the softmax (both
+    terms, as in :class:`KDLoss`); the extra rows of the longer weight get zero gradient.
+
+    Gradients go to student_hidden, student_weight and student_bias (and to the teacher inputs
+    that require grad), in their own dtypes. The hidden states and weight (and bias) of one side
+    must share a dtype; under ``torch.autocast`` they are cast to the autocast dtype first, as
+    ``F.linear`` would. Low-precision weight gradients are accumulated over chunks in float32
+    and rounded once (this costs a float32 buffer the size of the weight while the loss runs
+    when there is more than one chunk). For ``"mean"``/``"sum"`` the gradients are computed in
+    the forward pass and backward only scales them (once: no second backward through a retained
+    graph); ``"none"`` recomputes the chunks in backward.
+    """
+
+    def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
+                 beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
+                 reduction="mean", teacher_weights=None, backend="auto", chunk_size=None):
+        super().__init__()
+        self._config = dict(temperature=temperature, soft_weight=soft_weight,
+                            hard_weight=hard_weight, divergence=divergence, beta=beta,
+                            t2_scale=t2_scale, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, reduction=reduction)
+        _logit.LogitKDConfig(**self._config)
+        if teacher_weights is not None:
+            _checks.check_weights("teacher_weights", teacher_weights, 1)
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None (auto), got "
+                             f"{chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.backend = _backend.check_backend_name(backend)
+        for key, value in self._config.items():
+            setattr(self, key, value)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
+                target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
+                teacher_topk=None):
+        from fastkd.logit.fused_linear import fused_linear_kd_loss
+        config = {key: getattr(self, key) for key in self._config}
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                    teacher_weight, target, student_bias, teacher_bias,
+                                    teacher_logits, teacher_topk=teacher_topk,
+                                    backend=self.backend, chunk_size=self.chunk_size, **config)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
+                f"hard_weight={self.hard_weight}, reduction={self.reduction!r}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")

@@ -108,3 +108,69 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         rows = rows + hard_weight * hard_ce_rows(s, safe_target, label_smoothing)
     return torch.where(valid, rows, torch.zeros_like(rows))
+
+
+def topk_bucket_logprobs(student, indices, logprobs, temperature):
+    """Bucket log-probabilities of a sparse top-k teacher (SPEC §1b), each ``[N, k + 1]``.
+
+    Buckets 0..k-1 are the teacher's listed vocabulary entries, bucket k the residual (every
+    other entry). Teacher: ``log P_j = logprobs_j`` (taken as given: the teacher's log-probabilities
+    at the distillation temperature), ``P_k = max(0, 1 - sum_j P_j)``. Student at temperature T:
+    ``log Q_j = log_softmax(s / T)[indices_j]``, ``log Q_k = logsumexp of s / T over the entries not
+    listed - logsumexp(s / T)``, computed directly (not as ``1 - sum Q_j``) so that a tiny residual
+    keeps its relative precision. When ``k == V`` the residual bucket is empty on both sides and
+    gets probability 0 on both (log = -inf), contributing nothing.
+    """
+    dtype = torch.float64 if student.dtype == torch.float64 or logprobs.dtype == torch.float64 \
+        else torch.float32
+    z = student.to(dtype) / temperature
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    logq_k = z.gather(-1, indices) - lse
+    listed = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
+    rest = ~listed & (z != -math.inf)
+    empty = ~rest.any(-1, keepdim=True)
+    # logsumexp over an all -inf row has a NaN gradient: keep such rows out of the graph.
+    z_rest = torch.where(rest, z, torch.full_like(z, -math.inf))
+    z_rest = torch.where(empty, torch.zeros_like(z), z_rest)
+    logq_res = torch.where(empty, torch.full_like(lse, -math.inf),
+                           torch.logsumexp(z_rest, dim=-1, keepdim=True) - lse)
+    logp_k = logprobs.to(dtype)
+    p_res = (1.0 - logp_k.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    no_res = empty if indices.shape[-1] < student.shape[-1] else torch.ones_like(empty)
+    p_res = torch.where(no_res, torch.zeros_like(p_res), p_res)
+    logp_res = torch.where(p_res > 0, p_res.clamp_min(torch.finfo(dtype).tiny).log(),
+                           torch.full_like(p_res, -math.inf))
+    return torch.cat([logp_k, logp_res], -1), torch.cat([logq_k, logq_res], -1)
+
+
+def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, soft_weight,
+                           hard_weight, divergence, beta, t2_scale, ignore_index,
+                           label_smoothing):
+    """Per-row KD loss ``[N]`` against a sparse top-k teacher (SPEC §1b): D over the k + 1
+    buckets of :func:`topk_bucket_logprobs`, plus the hard CE term as in
+    :func:`kd_rows_reference`. ``student`` ``[N, V]``, ``indices`` ``[N, k]`` int64,
+    ``logprobs`` ``[N, k]``. Rows whose target is ``ignore_index`` are 0."""
+    n, vocab = student.shape
+    if target is not None:
+        valid = target != ignore_index
+        bad = valid & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"target has values outside [0, {vocab}) other than "
+                             f"ignore_index={ignore_index}, e.g. {int(target[bad][0])}")
+    else:
+        valid = torch.ones(n, dtype=torch.bool, device=student.device)
+    keep = valid.unsqueeze(-1)
+    s = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
+    lp = torch.where(keep, logprobs, torch.full((), -math.log(indices.shape[-1]) if
+                                                 indices.shape[-1] else 0.0,
+                                                 dtype=logprobs.dtype, device=logprobs.device))
+    if bool((s == -math.inf).all(-1).any()):
+        raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary entry "
+                         "left)")
+    logp, logq = topk_bucket_logprobs(s, indices, lp, temperature)
+    soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
+    rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
+    if target is not None and hard_weight != 0.0:
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        rows = rows + hard_weight * hard_ce_rows(s.to(rows.dtype), safe_target, label_smoothing)
+    return torch.where(valid, rows, torch.zeros_like(rows))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _backend, _checks
+from fastkd import distributed as _distributed
 from fastkd.relation import autograd as _relation
 
 
@@ -41,23 +42,34 @@ class SPLoss(torch.nn.Module):
     Args:
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        gather (bool or process group): ``True``: with an initialised ``torch.distributed``
+            default group, compute the loss over the global batch (student and teacher features
+            all-gathered with gradient; batch sizes may differ by rank), identical on every rank
+            to one process holding the whole batch; without one, the local batch (as False). A
+            process group: gather over that group. Each rank's gradient is its slice of the
+            single-process gradient; under DDP/FSDP, which average gradients over the ranks,
+            multiply this loss by the world size to train as one process would (see
+            :mod:`fastkd.distributed`). Default: False.
 
     Shape:
         - student_features: :math:`(B, *)`; teacher_features: :math:`(B, *)`.
         - Output: scalar (float32).
     """
 
-    def __init__(self, reduction="mean", backend="auto"):
+    def __init__(self, reduction="mean", backend="auto", gather=False):
         super().__init__()
         self.reduction = _relation.check_relation_reduction(reduction)
         self.backend = _backend.check_backend_name(backend)
+        self.gather = gather
 
     def forward(self, student_features, teacher_features):
+        student_features, teacher_features = _distributed.gather_features(
+            student_features, teacher_features, self.gather)
         return _relation.sp_loss(student_features, teacher_features, reduction=self.reduction,
                                  backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+        return f"reduction={self.reduction!r}, backend={self.backend!r}, gather={self.gather!r}"
 
 
 class RKDLoss(torch.nn.Module):
@@ -96,13 +108,22 @@ class RKDLoss(torch.nn.Module):
         angle_weight (float): :math:`w_a \ge 0`. Default: 2.0.
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        gather (bool or process group): ``True``: with an initialised ``torch.distributed``
+            default group, compute the loss over the global batch (student and teacher features
+            all-gathered with gradient; batch sizes may differ by rank), identical on every rank
+            to one process holding the whole batch; without one, the local batch (as False). A
+            process group: gather over that group. Each rank's gradient is its slice of the
+            single-process gradient; under DDP/FSDP, which average gradients over the ranks,
+            multiply this loss by the world size to train as one process would (see
+            :mod:`fastkd.distributed`). Default: False.
 
     Shape:
         - student_features: :math:`(B, *)`; teacher_features: :math:`(B, *)`.
         - Output: scalar (float32).
     """
 
-    def __init__(self, distance_weight=1.0, angle_weight=2.0, reduction="mean", backend="auto"):
+    def __init__(self, distance_weight=1.0, angle_weight=2.0, reduction="mean", backend="auto",
+                 gather=False):
         super().__init__()
         self.distance_weight = _checks.check_finite_number("distance_weight", distance_weight,
                                                            nonnegative=True)
@@ -110,8 +131,11 @@ class RKDLoss(torch.nn.Module):
                                                         nonnegative=True)
         self.reduction = _relation.check_relation_reduction(reduction)
         self.backend = _backend.check_backend_name(backend)
+        self.gather = gather
 
     def forward(self, student_features, teacher_features):
+        student_features, teacher_features = _distributed.gather_features(
+            student_features, teacher_features, self.gather)
         return _relation.rkd_loss(student_features, teacher_features,
                                   distance_weight=self.distance_weight,
                                   angle_weight=self.angle_weight, reduction=self.reduction,
@@ -119,7 +143,7 @@ class RKDLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}, gather={self.gather!r}")
 
 
 class PKTLoss(torch.nn.Module):
@@ -143,21 +167,33 @@ class PKTLoss(torch.nn.Module):
         eps (float): :math:`\epsilon > 0`. Default: 1e-7.
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        gather (bool or process group): ``True``: with an initialised ``torch.distributed``
+            default group, compute the loss over the global batch (student and teacher features
+            all-gathered with gradient; batch sizes may differ by rank), identical on every rank
+            to one process holding the whole batch; without one, the local batch (as False). A
+            process group: gather over that group. Each rank's gradient is its slice of the
+            single-process gradient; under DDP/FSDP, which average gradients over the ranks,
+            multiply this loss by the world size to train as one process would (see
+            :mod:`fastkd.distributed`). Default: False.
 
     Shape:
         - student_features: :math:`(B, *)`; teacher_features: :math:`(B, *)`.
         - Output: scalar (float32).
     """
 
-    def __init__(self, eps=1e-7, reduction="mean", backend="auto"):
+    def __init__(self, eps=1e-7, reduction="mean", backend="auto", gather=False):
         super().__init__()
         self.eps = _checks.check_finite_number("eps", eps, positive=True)
         self.reduction = _relation.check_relation_reduction(reduction)
         self.backend = _backend.check_backend_name(backend)
+        self.gather = gather
 
     def forward(self, student_features, teacher_features):
+        student_features, teacher_features = _distributed.gather_features(
+            student_features, teacher_features, self.gather)
         return _relation.pkt_loss(student_features, teacher_features, eps=self.eps,
                                   reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"gather={self.gather!r}")

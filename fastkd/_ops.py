@@ -1,0 +1,116 @@
+"""The mechanism shared by fastkd's ``torch.library`` custom ops (namespace ``fastkd``).
+
+Every fused kernel (backends ``cpu``, ``cuda``, ``triton``) runs behind a
+``torch.library.custom_op``, so that ``torch.compile(fullgraph=True)`` sees one opaque node per
+loss call instead of a graph break, and ``torch.library.opcheck`` can check it. The pattern, used
+the same way by every family (``fastkd/{logit,feature,relation}/autograd.py``):
+
+- **Schema**: given explicitly (``schema=``). Tensors first; the validated configuration as plain
+  ``float``/``int``/``bool``/``str`` (lists: ``float[]``, ``bool[]``, ``Tensor[]``) arguments;
+  ``need_grad_*`` bools saying which gradients the forward pass must produce (computed by the
+  Python dispatch from ``requires_grad`` and grad mode: :func:`needs_grad`); ``str backend`` last
+  (``"cpu"``, ``"cuda"`` or ``"triton"``, already resolved: one op serves every fused backend).
+  Outputs: ``(loss, grad_a, grad_b, ...)``, the gradients computed in the forward pass, each an
+  empty ``[0]`` placeholder (:func:`placeholder`) when its ``need_grad_*`` is false (a custom op
+  cannot return None).
+- **Implementation** (``mutates_args=()``): runs the kernel under :func:`kernel_context`
+  (autocast off, so that torch ops inside the kernels never run in bf16/fp16), reads the kernel's
+  error flags and raises there (the ``.item()`` is inside the opaque op, not in the traced graph).
+- **Fake** (``register_fake``): the output shapes and dtypes only.
+- **Autograd** (``register_autograd``): ``setup_context`` marks the gradient outputs
+  non-differentiable, turns off grad materialisation and saves them; ``backward`` returns them
+  multiplied by the incoming gradient through :func:`scale_saved`.
+
+Everything data-independent (argument checks, backend resolution, reshapes, dtype casts, the
+autocast decisions) happens in Python before the op call and is traced by dynamo as ordinary code.
+
+**In place vs out of place (the gradient computed in forward).** :func:`scale_saved` multiplies
+the saved gradients *in place* when it runs eagerly on plain tensors (no second input-sized
+buffer; with ``loss.backward()`` on a reduced CPU loss the multiplication by 1 is skipped), which
+is why a second backward through the same graph raises. Under ``torch.compile`` / AOTAutograd
+(functionalization: mutating a saved tensor is not allowed) it multiplies *out of place*: the
+compiled backward allocates one more input-sized gradient buffer (the saved one is freed right
+after) and makes one extra pass over it (fused by inductor with the cast to the input dtype).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+NAMESPACE = "fastkd"
+
+
+def needs_grad(t) -> bool:
+    """Whether the forward pass must produce the gradient of ``t`` (static under dynamo)."""
+    return t is not None and torch.is_grad_enabled() and t.requires_grad
+
+
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    """The ``[0]`` tensor an op returns in place of a gradient that was not asked for."""
+    return like.new_empty(0)
+
+
+def no_autocast(device: torch.device):
+    """A context that disables autocast for ``device``'s type (fastkd losses are computed in
+    float32 whatever the autocast state; see the README, "torch.compile and autocast")."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def kernel_context(device: torch.device):
+    """Context of an op implementation: autocast off when it is on (the kernels call torch ops,
+    e.g. ``mm``/``mv``, that autocast would otherwise run in bf16/fp16)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def save_gradients(ctx, grads, needs) -> None:
+    """``setup_context`` part shared by the ops: the gradient outputs ``grads`` are saved for
+    backward (None where ``needs`` is false) and are not differentiable."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*[g if n else None for g, n in zip(grads, needs)])
+
+
+def _plain(t: torch.Tensor) -> bool:
+    # FakeTensor / FunctionalTensor (AOTAutograd, opcheck) and other subclasses are not plain.
+    return type(t) is torch.Tensor
+
+
+def scale_saved(ctx, saved, grad_output, what: str, per_row: bool = False):
+    """Multiply the gradients ``saved`` (computed in forward; None entries stay None) by
+    ``grad_output``: a scalar, or with ``per_row`` one value per row (the leading dimension).
+
+    Eagerly on plain tensors: in place (see the module docstring), once per forward; a second call
+    raises ``RuntimeError``. Traced (torch.compile, AOTAutograd, opcheck): out of place.
+    Results keep each gradient's dtype; the product is computed in float32.
+    """
+    live = [g for g in saved if g is not None]
+    if not live:
+        return list(saved)
+    inplace = (not torch.compiler.is_compiling() and _plain(grad_output)
+               and all(_plain(g) for g in live))
+    if inplace:
+        if getattr(ctx, "fastkd_consumed", False):
+            raise RuntimeError(
+                f"fastkd {what}: backward ran twice through the same graph. The fused kernels "
+                f"compute the gradient once in the forward pass and scale it in place, so "
+                f"retain_graph=True with a second backward is not supported; recompute the loss.")
+        ctx.fastkd_consumed = True
+        if (not per_row and grad_output.device.type == "cpu" and grad_output.numel() == 1
+                and grad_output.item() == 1.0):
+            return list(saved)  # the common case: loss.backward() on the reduced loss
+    scale = grad_output.to(torch.float32)
+    out = []
+    for g in saved:
+        if g is None:
+            out.append(None)
+            continue
+        # A dimensioned float32 factor: the product is computed in float32, then rounded once.
+        shape = (-1,) + (1,) * (g.dim() - 1) if per_row else (1,) * g.dim()
+        s = scale.reshape(shape)
+        out.append(g.mul_(s) if inplace else (g * s).to(g.dtype))
+    return out

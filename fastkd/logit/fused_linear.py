@@ -1,0 +1,337 @@
+"""Large-vocabulary logit KD with the lm_head fused (SPEC §1b): ``fastkd.FusedLinearKDLoss``.
+
+Scheme: rows are processed in chunks. For each chunk the student (and teacher) logits are one
+cuBLAS/MKL GEMM, the fused KD kernel of :mod:`fastkd.logit.autograd` (the same kernels as
+``KDLoss``, no second softmax-KL implementation) turns them into row losses and the gradient with
+respect to the logits, and two more GEMMs turn that gradient into the chunk's rows of
+``grad student_hidden`` and its contribution to ``grad student_weight``. Only one chunk of logits
+and one chunk of logit gradients exist at a time, so the extra memory is O(chunk * V + N) for
+any N. Why this scheme rather than one blockwise kernel: the work is 4 GEMMs of 2*N*H*V FLOPs
+each against ~6 N*V element passes of the KD kernel, so at H >= 512 the GEMMs dominate
+(measured on CPU: benchmarks/results, the ``fused-linear`` suite), and vendor GEMMs are
+already near peak; a blockwise kernel would have to re-implement the GEMM to fuse an
+epilogue worth a few percent.
+
+For ``reduction="mean"``/``"sum"`` every gradient is computed in the forward pass (with the
+1/count of ``"mean"`` folded in) and backward scales it by the incoming gradient; with
+``"none"`` the per-row incoming gradients are only known in backward, so backward recomputes
+the chunks (one extra pair of logit GEMMs).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastkd import _backend, _checks
+from fastkd._reduce import count_rows, reduce_rows
+from fastkd.logit import autograd as _logit
+from fastkd.logit import topk as _topk
+from fastkd.logit.reference import kd_rows_reference, kd_rows_topk_reference
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def auto_chunk_size(rows: int, vocab: int, bytes_per_logit_row: int, device: torch.device) -> int:
+    """Rows per chunk: the chunk's logits and logit gradients take at most ~1/8 of the free
+    device memory (CUDA; clamped to [64 MiB, 1 GiB]) or 256 MiB (CPU), rounded to a multiple of
+    8 rows (GEMM tiles), at least 1 and at most ``rows``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(max(free // 8, 64 << 20), 1 << 30)
+    else:
+        budget = 256 << 20
+    chunk = max(1, budget // max(1, vocab * bytes_per_logit_row))
+    if chunk >= 8:
+        chunk -= chunk % 8
+    return int(min(rows, chunk))
+
+
+def _linear(hidden, weight, bias):
+    return torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+class _Accumulator:
+    """Sum of per-chunk ``a.T @ b`` products (a weight gradient) with float32 accumulation.
+
+    Low-precision weights: the running sum is kept in float32 (CUDA: the GEMM writes float32
+    directly via ``out_dtype``), so the result is rounded to the weight dtype once, not once per
+    chunk. With a single chunk the product is written straight in the weight dtype.
+    """
+
+    def __init__(self, shape, dtype, device, single_chunk: bool):
+        self.dtype = dtype
+        self.wide = dtype in _LOW_PRECISION and not single_chunk
+        self.buf = torch.zeros(shape, dtype=torch.float32 if self.wide else dtype, device=device)
+
+    def add_(self, rows_slice: slice, a, b):
+        out = self.buf[rows_slice]
+        if not self.wide:
+            out.addmm_(a.t(), b)
+        elif a.is_cuda:
+            try:
+                out.add_(torch.mm(a.t(), b, out_dtype=torch.float32))
+            except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+                out.addmm_(a.t().float(), b.float())
+        else:
+            out.addmm_(a.t().float(), b.float())
+
+    def result(self):
+        return self.buf.to(self.dtype) if self.wide else self.buf
+
+
+class _Plan:
+    """Everything about one call that is not a tensor (shapes, flags, config, backend)."""
+
+    def __init__(self, cfg, backend, chunk, vocab, teacher_kind, lead_shape):
+        self.cfg, self.backend, self.chunk, self.vocab = cfg, backend, chunk, vocab
+        self.teacher_kind = teacher_kind  # "linear" | "logits" | "topk"
+        self.lead_shape = lead_shape
+
+
+def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale, row_scale):
+    """One sweep over the row chunks. ``need`` = which of (hs, ws, bs, ht, wt, bt, tl) get a
+    gradient. Gradients of ``sum_r w_r loss_r`` where ``w_r = grad_scale`` (a device scalar, or
+    1) times ``row_scale[r]`` (``"none"`` in backward, else None). Returns (row losses, flags,
+    gradients)."""
+    cfg, vocab, n = plan.cfg, plan.vocab, hs.shape[0]
+    ws_v = ws[:vocab]
+    bs_v = None if bs is None else bs[:vocab]
+    wt_v = None if wt is None else wt[:vocab]
+    bt_v = None if bt is None else bt[:vocab]
+    single = plan.chunk >= n
+    rows_out = torch.empty(n, dtype=torch.float32, device=hs.device)
+    flags = torch.zeros((), dtype=torch.int32, device=hs.device)
+    g_hs = torch.empty_like(hs) if need[0] else None
+    acc_ws = _Accumulator(ws.shape, ws.dtype, ws.device, single) if need[1] else None
+    g_bs = torch.zeros(bs.shape, dtype=torch.float32, device=bs.device) if need[2] else None
+    g_ht = torch.empty_like(ht) if need[3] else None
+    acc_wt = _Accumulator(wt.shape, wt.dtype, wt.device, single) if need[4] else None
+    g_bt = torch.zeros(bt.shape, dtype=torch.float32, device=bt.device) if need[5] else None
+    g_tl = torch.zeros_like(tl) if need[6] else None
+    need_s = need[0] or need[1] or need[2]
+    need_t = need[3] or need[4] or need[5] or need[6]
+    kernel = _logit.KERNELS[plan.backend]
+    for lo in range(0, n, plan.chunk):
+        hi = min(n, lo + plan.chunk)
+        s = _linear(hs[lo:hi], ws_v, bs_v)
+        tg = None if tgt is None else tgt[lo:hi]
+        if plan.teacher_kind == "topk":
+            rows, gs = _topk.topk_rows_and_grad(s, idx[lo:hi], lp[lo:hi], tg, cfg, grad_scale,
+                                                need_s)
+            gt = None
+        else:
+            if plan.teacher_kind == "linear":
+                t = _linear(ht[lo:hi], wt_v, bt_v)
+            else:
+                t = _logit._as_rows(tl[lo:hi, :vocab])
+            rows, gs, gts, fl = kernel(s, [t], tg, [1.0], cfg, grad_scale, need_s, [need_t])
+            gt = gts[0] if need_t else None
+            flags.bitwise_or_(fl.reshape(()).to(torch.int32))
+        rows_out[lo:hi] = rows
+        if row_scale is not None:
+            rs = row_scale[lo:hi].reshape(-1, 1)
+            gs = None if gs is None else (gs.float() * rs).to(gs.dtype)
+            gt = None if gt is None else (gt.float() * rs).to(gt.dtype)
+        if need[0]:
+            torch.mm(gs, ws_v, out=g_hs[lo:hi])
+        if need[1]:
+            acc_ws.add_(slice(0, vocab), gs, hs[lo:hi])
+        if need[2]:
+            g_bs[:vocab] += gs.sum(0, dtype=torch.float32)
+        if need[3]:
+            torch.mm(gt, wt_v, out=g_ht[lo:hi])
+        if need[4]:
+            acc_wt.add_(slice(0, vocab), gt, ht[lo:hi])
+        if need[5]:
+            g_bt[:vocab] += gt.sum(0, dtype=torch.float32)
+        if need[6]:
+            g_tl[lo:hi, :vocab] = gt
+    grads = [g_hs, None if acc_ws is None else acc_ws.result(),
+             None if g_bs is None else g_bs.to(bs.dtype), g_ht,
+             None if acc_wt is None else acc_wt.result(),
+             None if g_bt is None else g_bt.to(bt.dtype), g_tl]
+    return rows_out, flags, grads
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
+        need = list(ctx.needs_input_grad[4:11])
+        count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
+        deferred = plan.cfg.reduction == "none"
+        grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
+        rows, flags, grads = _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp,
+                                         [False] * 7 if deferred else need, grad_scale, None)
+        bits = int(flags.item())
+        if bits:
+            _logit.raise_flags(bits, plan.cfg.ignore_index, plan.vocab, False)
+        ctx.plan, ctx.need, ctx.deferred, ctx.consumed = plan, need, deferred, False
+        if deferred:
+            ctx.save_for_backward(tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp)
+        else:
+            ctx.save_for_backward(*grads)
+        return reduce_rows(rows, plan.cfg.reduction, plan.lead_shape, count)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.consumed:
+            raise RuntimeError(
+                "fastkd FusedLinearKDLoss: backward ran twice through the same graph; the "
+                "gradients are computed once in the forward pass and scaled in place, so "
+                "retain_graph=True with a second backward is not supported; recompute the loss.")
+        ctx.consumed = True
+        if ctx.deferred:
+            saved = ctx.saved_tensors
+            _, _, grads = _run_chunks(ctx.plan, *saved, ctx.need, None,
+                                      grad_output.reshape(-1).float())
+        else:
+            grads = list(ctx.saved_tensors)
+            scale = grad_output.reshape(()).float()
+            for g in grads:
+                if g is not None:
+                    g.mul_(scale)  # in place: no second copy of a weight-sized gradient
+        return (None, None, None, None, *grads)
+
+
+def _check_2d_pair(hidden_name, hidden, weight_name, weight, bias_name, bias):
+    _checks.check_float_tensor(hidden_name, hidden)
+    _checks.check_float_tensor(weight_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name} must be [*, H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{weight_name} has shape {tuple(weight.shape)} but {hidden_name} has "
+                         f"hidden size {hidden.shape[-1]}; {weight_name} must be [V, "
+                         f"{hidden.shape[-1]}]")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{weight_name} must have V >= 1 rows, got {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.check_float_tensor(bias_name, bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{bias_name} has shape {tuple(bias.shape)} but must be "
+                             f"[{weight.shape[0]}] (one entry per vocabulary row of "
+                             f"{weight_name})")
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) > 1:
+        raise TypeError(f"{hidden_name}, {weight_name}"
+                        f"{'' if bias is None else ', ' + bias_name} must share one dtype (got "
+                        f"{', '.join(str(d) for d in dtypes)}); cast them, or run under "
+                        f"torch.autocast")
+
+
+def _autocast(device, *tensors):
+    """Under ``torch.autocast`` the GEMM operands are cast like ``F.linear`` casts them."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        return [None if t is None else t.to(dtype) for t in tensors]
+    return list(tensors)
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
+                         teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
+                         teacher_logits=None, *, teacher_topk=None, teacher_weights=None,
+                         backend="auto", chunk_size=None, **config):
+    """See :class:`fastkd.FusedLinearKDLoss`."""
+    cfg = _logit.LogitKDConfig(**config)
+    backend = _backend.check_backend_name(backend)
+    if teacher_weights is not None:
+        _checks.check_weights("teacher_weights", teacher_weights, 1)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (auto), got {chunk_size!r}")
+    _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight,
+                   "student_bias", student_bias)
+    lead = student_hidden.shape[:-1]
+    kinds = [teacher_hidden is not None or teacher_weight is not None,
+             teacher_logits is not None, teacher_topk is not None]
+    if sum(kinds) != 1:
+        raise ValueError("give exactly one teacher: teacher_hidden with teacher_weight, or "
+                         "teacher_logits, or teacher_topk")
+    kind = ("linear", "logits", "topk")[kinds.index(True)]
+    if kind == "linear":
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight go together: give both")
+        _check_2d_pair("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
+                       "teacher_bias", teacher_bias)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)} but its "
+                             f"leading shape must equal student_hidden's {tuple(lead)}")
+        vocab_t = teacher_weight.shape[0]
+    elif teacher_bias is not None:
+        raise ValueError("teacher_bias is only used with teacher_hidden/teacher_weight")
+    if kind == "logits":
+        if isinstance(teacher_logits, (list, tuple)):
+            raise TypeError("FusedLinearKDLoss takes one teacher_logits tensor, not a list")
+        _checks.check_float_tensor("teacher_logits", teacher_logits)
+        if teacher_logits.dim() != len(lead) + 1 or teacher_logits.shape[:-1] != lead \
+                or teacher_logits.shape[-1] < 1:
+            raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but must be "
+                             f"[*, V_t] with * = student_hidden's leading shape {tuple(lead)}")
+        vocab_t = teacher_logits.shape[-1]
+    vocab_s = student_weight.shape[0]
+    vocab = vocab_s if kind == "topk" else min(vocab_s, vocab_t)
+    if target is not None:
+        if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
+                or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError("target must be an integer tensor of class indices")
+        if target.shape != lead:
+            raise ValueError(f"target has shape {tuple(target.shape)} but must equal the leading "
+                             f"shape of student_hidden {tuple(lead)}")
+    _checks.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
+                              student_bias=student_bias, teacher_hidden=teacher_hidden,
+                              teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                              teacher_logits=teacher_logits, target=target)
+    device = student_hidden.device
+    hs, ws, bs = _autocast(device, student_hidden, student_weight, student_bias)
+    ht, wt, bt = _autocast(device, teacher_hidden, teacher_weight, teacher_bias)
+    hs = hs.reshape(-1, hs.shape[-1])
+    ht = None if ht is None else ht.reshape(-1, ht.shape[-1])
+    tl = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    tgt = None if target is None else target.reshape(-1).to(torch.int64)
+    idx = lp = None
+    if kind == "topk":
+        idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device))
+    name = _backend.resolve_backend(backend, device)
+    dtypes = [x.dtype for x in (hs, ht, tl) if x is not None]
+    if name != "reference" and any(d not in _logit._KERNEL_DTYPES for d in dtypes):
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 inputs; "
+                               f"use backend='reference' for float64")
+        name = "reference"
+    if name == "reference":
+        return _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+    if hs.shape[0] == 0:
+        zero = 0.0 * (hs.sum() + ws.sum())  # keeps the graph: zero gradients, not None
+        return reduce_rows(torch.zeros(0, device=device), cfg.reduction, lead,
+                           torch.ones((), device=device)) + zero
+    bytes_row = hs.element_size() * 2 + (0 if kind == "topk" else 2 * (ht if ht is not None
+                                                                       else tl).element_size())
+    chunk = chunk_size or auto_chunk_size(hs.shape[0], vocab, bytes_row, device)
+    plan = _Plan(cfg, name, chunk, vocab, kind, lead)
+    hs, ht = hs.contiguous(), None if ht is None else ht.contiguous()
+    return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+
+
+class _ShapeOnly:
+    """Stands in for the student logits in :func:`fastkd.logit.topk.validate_topk` (which only
+    reads their shape and device) without materialising them."""
+
+    def __init__(self, shape, device):
+        self.shape, self.device = torch.Size(shape), device
+
+
+def _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
+    """The spec, literally: materialise the logits and apply SPEC §1 (autograd does the rest)."""
+    s = _linear(hs, ws[:vocab], None if bs is None else bs[:vocab])
+    kwargs = dict(temperature=cfg.temperature, soft_weight=cfg.soft_weight,
+                  hard_weight=cfg.hard_weight, divergence=cfg.divergence, beta=cfg.beta,
+                  t2_scale=cfg.t2_scale, ignore_index=cfg.ignore_index,
+                  label_smoothing=cfg.label_smoothing)
+    if kind == "topk":
+        rows = kd_rows_topk_reference(s, idx, lp, tgt, **kwargs)
+    else:
+        t = _linear(ht, wt[:vocab], None if bt is None else bt[:vocab]) if kind == "linear" \
+            else tl[:, :vocab]
+        rows = kd_rows_reference(s, [t], tgt, weights=[1.0], **kwargs)
+    count = count_rows(tgt, cfg.ignore_index, s.shape[0], s.device)
+    return reduce_rows(rows, cfg.reduction, lead, count.to(rows.dtype))

@@ -1,0 +1,304 @@
+"""FusedLinearKDLoss, sparse top-k teachers and vocabulary mismatch (SPEC §1b).
+
+Every fused backend is compared with the float64 reference computed on materialised logits.
+For bf16/fp16 inputs the reference sees the logits the fused path sees: the linear layer's output
+rounded to the input dtype (what ``nn.Linear`` in that dtype produces), with the rounding treated
+as the identity in backward; SPEC §1's tolerances then apply.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.functional import fused_linear_kd_loss, kd_loss
+from _helpers import assert_close_grad, assert_close_loss, backend_params
+
+DIVS = ["kl", "reverse_kl", "jsd", "tvd"]
+
+
+def _interp(backend):
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def _rounded_linear(h, w, b, dtype):
+    """h @ w.T + b in float64, rounded to ``dtype`` in the forward only (straight-through)."""
+    out = h @ w.t() + (0 if b is None else b)
+    if dtype == torch.float32:
+        return out
+    return out + (out.to(dtype).double() - out).detach()
+
+
+def _inputs(n, hs_dim, ht_dim, vs, vt, dtype, device, *, bias=True, seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa
+    x = {"hs": r(n, hs_dim), "ws": r(vs, hs_dim, scale=2 / math.sqrt(hs_dim)),
+         "bs": r(vs) if bias else None,
+         "ht": r(n, ht_dim), "wt": r(vt, ht_dim, scale=3 / math.sqrt(ht_dim)),
+         "bt": r(vt) if bias else None,
+         "y": torch.randint(0, min(vs, vt), (n,), generator=g)}
+    if ignore and n > 2:
+        x["y"][1] = -100
+        x["y"][-1] = -100
+    return {k: (v.to(device) if v is not None else None) for k, v in x.items()}
+
+
+def _fused(x, backend, teacher="linear", teacher_grad=False, topk=None, chunk=None, **kw):
+    """Fused run: returns (loss, {name: grad})."""
+    p = {k: (x[k].clone().requires_grad_(k in ("hs", "ws", "bs") or teacher_grad)
+             if x[k] is not None else None) for k in ("hs", "ws", "bs", "ht", "wt", "bt")}
+    tl = None
+    if teacher == "logits":
+        tl = (x["ht"] @ x["wt"].t() + (0 if x["bt"] is None else x["bt"])).detach()
+        tl.requires_grad_(teacher_grad)
+    args = dict(student_bias=p["bs"], target=x["y"], chunk_size=chunk, backend=backend, **kw)
+    if teacher == "linear":
+        loss = fused_linear_kd_loss(p["hs"], p["ws"], p["ht"], p["wt"], teacher_bias=p["bt"],
+                                    **args)
+    elif teacher == "logits":
+        loss = fused_linear_kd_loss(p["hs"], p["ws"], teacher_logits=tl, **args)
+    else:
+        loss = fused_linear_kd_loss(p["hs"], p["ws"], teacher_topk=topk, **args)
+    loss.sum().backward() if loss.dim() else loss.backward()
+    grads = {k: v.grad for k, v in p.items() if v is not None and v.requires_grad
+             and not (teacher == "logits" and k in ("ht", "wt", "bt"))}
+    if tl is not None and teacher_grad:
+        grads["tl"] = tl.grad
+    return loss, grads
+
+
+def _reference(x, dtype, teacher="linear", teacher_grad=False, topk=None, **kw):
+    p = {k: (x[k].double().requires_grad_(k in ("hs", "ws", "bs") or teacher_grad)
+             if x[k] is not None else None) for k in ("hs", "ws", "bs", "ht", "wt", "bt")}
+    s = _rounded_linear(p["hs"], p["ws"], p["bs"], dtype)
+    grads_of = dict(p)
+    if teacher == "topk":
+        loss = kd_loss(s, None, x["y"], teacher_topk=(topk[0], topk[1].double()),
+                       backend="reference", **kw)
+    else:
+        t = _rounded_linear(p["ht"], p["wt"], p["bt"], dtype)
+        if teacher == "logits":
+            t = t.detach().requires_grad_(teacher_grad)
+            grads_of["tl"] = t
+        loss = kd_loss(s, t, x["y"], backend="reference", **kw)
+    loss.sum().backward() if loss.dim() else loss.backward()
+    return loss, {k: v.grad for k, v in grads_of.items() if v is not None and v.requires_grad
+                  and not (teacher == "logits" and k in ("ht", "wt", "bt"))}
+
+
+def _compare(got, ref, dtype):
+    loss, grads = got
+    rloss, rgrads = ref
+    assert loss.dtype == torch.float32
+    assert_close_loss(loss, rloss, dtype)
+    assert set(grads) == set(rgrads), (set(grads), set(rgrads))
+    for k in rgrads:
+        assert_close_grad(grads[k], rgrads[k], dtype, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVS)
+def test_linear_teacher_matches_reference(backend, device, dtype, divergence):
+    n, vocab = (13, 67) if _interp(backend) else (45, 1001)
+    x = _inputs(n, 33, 21, vocab, vocab, dtype, device)
+    kw = dict(temperature=2.0, hard_weight=0.5, divergence=divergence, beta=0.3)
+    ref = _reference(x, dtype, **kw)
+    for chunk in ([5, None] if _interp(backend) else [7, n - 1, None]):  # inside / at the end
+        _compare(_fused(x, backend, chunk=chunk, **kw), ref, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_teacher_logits_teacher_grad_and_reductions(backend, device, reduction):
+    n, vocab = (9, 40) if _interp(backend) else (30, 203)
+    x = _inputs(n, 16, 12, vocab, vocab, torch.float32, device, bias=False)
+    kw = dict(temperature=1.5, hard_weight=1.0, label_smoothing=0.1, reduction=reduction,
+              divergence="jsd")
+    for teacher in ("logits", "linear"):
+        ref = _reference(x, torch.float32, teacher=teacher, teacher_grad=True, **kw)
+        got = _fused(x, backend, teacher=teacher, teacher_grad=True, chunk=4, **kw)
+        _compare(got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("vs,vt", [(60, 47), (47, 60)], ids=["student-longer", "teacher-longer"])
+def test_vocab_mismatch(backend, device, vs, vt):
+    n = 11
+    x = _inputs(n, 10, 14, vs, vt, torch.float32, device)
+    kw = dict(temperature=2.0, hard_weight=0.7)
+    vocab = min(vs, vt)
+    # The spec: the extra entries are masked out (-inf) before the softmax.
+    p = {k: x[k].double().requires_grad_(k in ("hs", "ws", "bs")) for k in
+         ("hs", "ws", "bs", "ht", "wt", "bt")}
+    s = p["hs"] @ p["ws"].t() + p["bs"]
+    t = p["ht"] @ p["wt"].t() + p["bt"]
+    s = torch.cat([s[:, :vocab], torch.full_like(s[:, vocab:], -math.inf)], -1)[:, :vs]
+    t = torch.cat([t[:, :vocab], torch.full_like(t[:, vocab:], -math.inf)], -1)[:, :vt]
+    pad = max(vs, vt)
+    s = torch.cat([s, torch.full((n, pad - vs), -math.inf, dtype=s.dtype)], -1)
+    t = torch.cat([t, torch.full((n, pad - vt), -math.inf, dtype=t.dtype)], -1)
+    rloss = kd_loss(s, t, x["y"], backend="reference", **kw)
+    rloss.backward()
+    got = _fused(x, backend, chunk=4, **kw)
+    _compare(got, (rloss, {k: p[k].grad for k in ("hs", "ws", "bs")}), torch.float32)
+    assert got[1]["ws"][vocab:].abs().max() == 0 if vs > vocab else True
+    # KDLoss on logits of different widths gives the same.
+    sl = (x["hs"] @ x["ws"].t() + x["bs"]).requires_grad_()
+    tl = x["ht"] @ x["wt"].t() + x["bt"]
+    loss = kd_loss(sl, tl, x["y"], backend=backend, **kw)
+    loss.backward()
+    assert_close_loss(loss, rloss, torch.float32)
+    assert sl.grad.shape == (n, vs)
+    if vs > vocab:
+        assert sl.grad[:, vocab:].abs().max() == 0
+
+
+def _topk(x, k, temperature, device):
+    t = (x["ht"].double() @ x["wt"].double().t())
+    lp = torch.log_softmax(t / temperature, -1)
+    vals, idx = lp.topk(k, -1)
+    perm = torch.randperm(k)  # order must not matter
+    return idx[:, perm].to(device), vals[:, perm].float().to(device)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("k", [1, 20, "V"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_teacher(backend, device, k, dtype):
+    n, vocab = (10, 50) if _interp(backend) else (23, 301)
+    x = _inputs(n, 12, 12, vocab, vocab, dtype, device)
+    kk = vocab if k == "V" else k
+    topk = _topk(x, kk, 2.0, device)
+    for div in (DIVS if not _interp(backend) else ["kl", "jsd"]):
+        kw = dict(temperature=2.0, hard_weight=0.4, divergence=div)
+        ref = _reference(x, dtype, teacher="topk", topk=topk, **kw)
+        _compare(_fused(x, backend, teacher="topk", topk=topk, chunk=6, **kw), ref, dtype)
+        # KDLoss takes the same sparse teacher with student logits.
+        s = (x["hs"] @ x["ws"].t() + x["bs"]).requires_grad_()
+        loss = kd_loss(s, None, x["y"], teacher_topk=topk, backend=backend, **kw)
+        loss.backward()
+        rs = s.detach().double().requires_grad_()
+        rl = kd_loss(rs, None, x["y"], teacher_topk=(topk[0], topk[1].double()),
+                     backend="reference", **kw)
+        rl.backward()
+        assert_close_loss(loss, rl, dtype)
+        assert_close_grad(s.grad, rs.grad, dtype, "kd_loss topk student grad")
+
+
+def test_topk_all_entries_equals_dense():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 29, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 29, generator=g, dtype=torch.float64) * 2
+    for div in DIVS:
+        lp = torch.log_softmax(t / 3.0, -1)
+        vals, idx = lp.topk(29, -1)
+        a = kd_loss(s, None, teacher_topk=(idx, vals), temperature=3.0, divergence=div,
+                    backend="reference")
+        b = kd_loss(s, t, temperature=3.0, divergence=div, backend="reference")
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), (div, a, b)
+
+
+def test_topk_reference_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    lp, idx = torch.log_softmax(torch.randn(4, 9, generator=g, dtype=torch.float64), -1).topk(3)
+    y = torch.tensor([1, -100, 3, 8])
+    for div in DIVS:
+        f = lambda s_: kd_loss(s_, None, y, teacher_topk=(idx, lp), divergence=div,  # noqa
+                               temperature=1.7, hard_weight=0.5, backend="reference")
+        assert torch.autograd.gradcheck(f, (s,))
+
+
+def test_errors():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    ht, wt = torch.randn(4, 6), torch.randn(10, 6)
+    f = fastkd.FusedLinearKDLoss()
+    cases = [
+        (lambda: f(h, w), ValueError, "exactly one teacher"),
+        (lambda: f(h, w, ht, None), ValueError, "teacher_weight"),
+        (lambda: f(h, w, ht, wt, teacher_logits=torch.randn(4, 10)), ValueError, "exactly one"),
+        (lambda: f(h, torch.randn(10, 7), ht, wt), ValueError, "student_weight"),
+        (lambda: f(h, w, torch.randn(5, 6), wt), ValueError, "teacher_hidden"),
+        (lambda: f(h, w, ht, wt, student_bias=torch.randn(9)), ValueError, "student_bias"),
+        (lambda: f(h, w.double(), ht, wt), TypeError, "student_weight"),
+        (lambda: f(h, w, ht, wt, torch.zeros(3, dtype=torch.long)), ValueError, "target"),
+        (lambda: f(h, w, ht, wt, torch.full((4,), 10)), ValueError, "target"),
+        (lambda: f(h, w, teacher_logits=torch.randn(4, 3, 10)), ValueError, "teacher_logits"),
+        (lambda: f(h, w, teacher_topk=(torch.zeros(4, 2, dtype=torch.long),
+                                       torch.zeros(4, 2))), ValueError, "distinct"),
+        (lambda: f(h, w, teacher_topk=(torch.tensor([[0, 11]] * 4), torch.full((4, 2), -2.0))),
+         ValueError, "indices"),
+        (lambda: f(h, w, teacher_topk=(torch.tensor([[0, 1]] * 4), torch.zeros(4, 2))),
+         ValueError, "logprobs"),
+        (lambda: f(h, w, teacher_topk=(torch.tensor([[0.0, 1.0]] * 4), torch.zeros(4, 2))),
+         TypeError, "indices"),
+        (lambda: fastkd.FusedLinearKDLoss(chunk_size=0), ValueError, "chunk_size"),
+        (lambda: fastkd.FusedLinearKDLoss(temperature=-1), ValueError, "temperature"),
+        (lambda: fastkd.FusedLinearKDLoss(backend="gpu"), ValueError, "backend"),
+        (lambda: kd_loss(torch.randn(4, 10), torch.randn(4, 10),
+                         teacher_topk=(torch.tensor([[0]] * 4), torch.zeros(4, 1))),
+         ValueError, "teacher_topk"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
+
+
+def test_second_backward_and_empty_batch():
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    loss = fastkd.FusedLinearKDLoss()(h, w, teacher_logits=torch.randn(5, 10))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+    h0 = torch.randn(0, 8, requires_grad=True)
+    loss = fastkd.FusedLinearKDLoss()(h0, w, teacher_logits=torch.randn(0, 10))
+    loss.backward()
+    assert loss.item() == 0 and h0.grad.shape == (0, 8)
+
+
+def test_autocast_bf16_cpu():
+    """Under autocast the GEMM operands are cast to bf16 as F.linear would; gradients come back
+    in the parameters' float32."""
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randn(12, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastkd.FusedLinearKDLoss(temperature=2.0)(h, w, teacher_logits=t)
+    loss.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().double(), w.detach().bfloat16().double()
+    ref = kd_loss((hb @ wb.t()).bfloat16().double(), t.double(), temperature=2.0,
+                  backend="reference")
+    assert_close_loss(loss, ref, torch.bfloat16)
+
+
+_MEMORY_SCRIPT = r"""
+import resource, torch, fastkd
+torch.manual_seed(0)
+n, h, v = 16384, 64, 32000
+hs = torch.randn(n, h, requires_grad=True); ws = torch.randn(v, h, requires_grad=True) * 0.1
+ws = ws.detach().requires_grad_(); ht = torch.randn(n, h); wt = torch.randn(v, h) * 0.1
+y = torch.randint(0, v, (n,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss = fastkd.FusedLinearKDLoss(temperature=2.0, hard_weight=1.0, chunk_size=512)(hs, ws, ht, wt, y)
+loss.backward()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+def test_peak_memory_independent_of_rows():
+    """N = 16384, V = 32000: the logits alone would be N*V*4 = 2 GiB per side; the fused loss
+    must stay far below that (chunk 512 rows: ~4 x 64 MiB of logits and logit gradients)."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
+                         timeout=600, check=True)
+    growth = int(out.stdout.strip().splitlines()[-1])
+    logits_bytes = 16384 * 32000 * 4
+    assert growth < logits_bytes / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB"
