@@ -46,8 +46,8 @@ from fastkd.logit import autograd as _logit
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_kd_forward", "gather_rows",
            "gather_features", "resolve_gather_group", "is_parallel"]
 
-#: Elements of one ``[chunk, V_local]`` temporary (about 8 of them live at a time per chunk).
-CHUNK_ELEMENTS = 1 << 22
+#: Elements of one ``[chunk, V_local]`` temporary (10 to 20 of them live at a time per chunk).
+CHUNK_ELEMENTS = 1 << 21
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -73,12 +73,52 @@ def _where0(cond, x):
     return torch.where(cond, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _log_mix(loga, logb, wa: float, wb: float):
-    """log(wa e^loga + wb e^logb), -inf where both are -inf (as the reference's ``_log_mix``)."""
-    both = (loga == -math.inf) & (logb == -math.inf)
-    a = _where0(~both, loga + math.log(wa))
-    b = _where0(~both, logb + math.log(wb))
-    return torch.where(both, torch.full_like(a, -math.inf), torch.logaddexp(a, b))
+def _where(cond, x, value: float):
+    return torch.where(cond, x, torch.full((), value, dtype=x.dtype, device=x.device))
+
+
+def _horner(x, coefs):
+    acc = torch.full_like(x, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+# phi(x) = x e^x - e^x + 1 = sum_{n>=2} (n-1)/n! x^n; psi(x) = e^x - 1 - x = sum_{n>=2} x^n/n!
+# (both >= 0); the series to n = 9 is exact to float32 rounding for |x| < 1/2, to float64
+# rounding for |x| < 1/100 (the cut below which it replaces the direct, cancelling, form).
+_PHI = [1 / 2, 1 / 3, 1 / 8, 1 / 30, 1 / 144, 1 / 840, 1 / 5760, 1 / 45360]
+_PSI = [1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880]
+
+
+def _kl_terms(p, q, lr, cut):
+    """Terms of KL(p || q) = sum_v q_v phi(lr_v), lr = log p - log q (sum_v p = sum_v q = 1): every
+    term is >= 0, so a small divergence is not the difference of large sums; it is also
+    insensitive to first order to an error in the row constant of lr. 0 log 0 = 0."""
+    small = (lr.abs() < cut) & (q > 0)
+    series = q * lr * lr * _horner(lr, _PHI)
+    direct = _where0(p > 0, p * lr) - p + q
+    return torch.where(small, series, direct)
+
+
+def _reverse_kl_terms(p, q, lr, cut):
+    """Terms of KL(q || p) = sum_v q_v psi(lr_v), as :func:`_kl_terms`."""
+    small = lr.abs() < cut
+    series = q * lr * lr * _horner(lr, _PSI)
+    direct = (p - q) - _where0(q > 0, q * lr)
+    return _where0(q > 0, torch.where(small, series, direct))
+
+
+def _phi(x, cut):
+    """phi(x) = x e^x - e^x + 1 for x in [-inf, log 1/beta]; phi(-inf) = 1."""
+    direct = torch.where(x == -math.inf, torch.ones_like(x), x * torch.exp(x) - torch.expm1(x))
+    return torch.where(x.abs() < cut, x * x * _horner(x, _PHI), direct)
+
+
+def _shifted_diff(t, s, mt, ms, inv_t):
+    """((t - mt) - (s - ms)) / T per entry, as ((t - s) - (mt - ms)) / T: for a teacher close to
+    the student, t - s is small and exact. +inf / -inf / NaN where s or t is -inf."""
+    return ((t - s) - (mt - ms)[:, None]) * inv_t
 
 
 # --------------------------------------------------------------------- vocabulary parallelism
@@ -115,14 +155,14 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
         target outside ``[0, V)``, a counted row ``-inf`` on every shard — are raised here, on
         every rank alike, since they are decided on all-reduced data).
 
-    Communication: four ``all_reduce`` calls of sizes ``P + 2``, ``(1 + n_teachers)·N``,
-    ``(1 + n_teachers + 2)·N`` at most and ``(n_teachers + 4)·N`` at most.
+    Communication: four ``all_reduce`` calls (MAX, MAX, SUM, SUM) of ``P + 2``,
+    ``(1 + n_t)·N``, at most ``(3 + 2 n_t)·N`` and at most ``(6 + 3 n_t)·N`` values
+    (``n_t`` teachers; float32, float64 for float64 inputs). Argument errors found on the local
+    shards before the first collective (dtypes, shapes) raise on that rank only.
     """
     group = process_group
     rank, world = dist.get_rank(group), _world(group)
     n_rows, v_local = student.shape
-    if v_local < 1:
-        raise ValueError("student_logits shard must have at least one vocabulary column (V_r >= 1)")
     device = student.device
     wd = torch.float64 if any(x.dtype == torch.float64 for x in [student, *teachers]) \
         else torch.float32
@@ -147,6 +187,9 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
                          f"numbers of rows ({int(-meta[1])} to {int(meta[0])}); every rank must "
                          f"hold all rows and a shard of the vocabulary")
     sizes = [int(v) for v in meta[2:]]
+    if min(sizes) < 1:
+        raise ValueError(f"vocabulary-parallel KD: every rank must hold at least one vocabulary "
+                         f"column, got shard sizes {sizes}")
     vocab = sum(sizes)
     start = sum(sizes[:rank])
 
@@ -183,67 +226,104 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
         raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")
     ms, mt = maxes[0], maxes[1:]
 
-    # Round 2 (SUM): sums of exponentials at T (student, teachers), at T = 1 for the hard term,
-    # and the number of finite student entries for label smoothing.
+    # Round 2 (SUM): sums of exponentials at T (student Zs, teachers Zt_i); the differences
+    # E_i = Zt_i - Zs summed term by term as exp(a) expm1(b - a) (a, b the shifted logits / T),
+    # exact when a teacher is close to the student; at T = 1 for the hard term; the number of
+    # finite student entries for label smoothing.
     sep_ce = hard and T != 1.0
-    n_sum = 1 + n_t + int(sep_ce) + int(eps > 0)
-    sums = torch.empty(n_sum, n_rows, dtype=wd, device=device)
+    names2 = ["Zs"] + [f"Zt{i}" for i in range(n_t)] + [f"E{i}" for i in range(n_t)]
+    names2 += ["Z1"] * sep_ce + ["nfin"] * (eps > 0)
+    i2 = {name: j for j, name in enumerate(names2)}
+    sums = torch.empty(len(names2), n_rows, dtype=wd, device=device)
     for a, b in chunks:
         s = load(student, a, b)
-        sums[0, a:b] = torch.exp((s - ms[a:b, None]) * inv_t).sum(-1)
+        ea = torch.exp((s - ms[a:b, None]) * inv_t)
+        sums[0, a:b] = ea.sum(-1)
         for i, t in enumerate(teachers):
-            sums[1 + i, a:b] = torch.exp((load(t, a, b) - mt[i, a:b, None]) * inv_t).sum(-1)
-        k = 1 + n_t
+            t = load(t, a, b)
+            eb = torch.exp((t - mt[i, a:b, None]) * inv_t)
+            sums[i2[f"Zt{i}"], a:b] = eb.sum(-1)
+            d = _shifted_diff(t, s, mt[i, a:b], ms[a:b], inv_t)
+            sums[i2[f"E{i}"], a:b] = torch.where(d.abs() < 1.0, ea * torch.expm1(d),
+                                                 eb - ea).sum(-1)
         if sep_ce:
-            sums[k, a:b] = torch.exp(s - ms[a:b, None]).sum(-1)
-            k += 1
+            sums[i2["Z1"], a:b] = torch.exp(s - ms[a:b, None]).sum(-1)
         if eps > 0:
-            sums[k, a:b] = (s != -math.inf).sum(-1).to(wd)
+            sums[i2["nfin"], a:b] = (s != -math.inf).sum(-1).to(wd)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    log_zs = sums[0].log()
-    log_zt = sums[1:1 + n_t].log()
-    log_z1 = sums[1 + n_t].log() if sep_ce else log_zs
-    n_finite = sums[-1] if eps > 0 else None
-    # log q = s/T - cs, log p_i = t_i/T - ct_i, log q1 = s - c1 (row constants)
-    cs = ms * inv_t + log_zs
-    ct = mt * inv_t + log_zt
-    c1 = ms + log_z1
+    z_s = sums[0]
+    log_zs = z_s.log()
+    log_zt = [sums[i2[f"Zt{i}"]].log() for i in range(n_t)]
+    # log Zt_i - log Zs: from E_i when it is small against Zs (no cancellation of two logs).
+    c_ts = [torch.where(e.abs() < 0.5 * z_s, torch.log1p(e / z_s), lzt - log_zs)
+            for e, lzt in zip((sums[i2[f"E{i}"]] for i in range(n_t)), log_zt)]
+    log_z1 = sums[i2["Z1"]].log() if sep_ce else log_zs
+    n_finite = sums[i2["nfin"]] if eps > 0 else None
+    c1 = ms + log_z1  # log q1 = s - c1 (softmax at T = 1)
 
     mixture = n_t > 1
+    cut = 0.01 if wd == torch.float64 else 0.5  # see _PHI
     w_log = [math.log(w) if w > 0 else None for w in weights]
     need_t = [bool(x) for x in need_t]
     any_t = any(need_t)
 
     def dists(a, b):
-        """Per chunk: s, logq, q, [logp_i], [p_i], logp, p (all in wd)."""
+        """Per chunk (all in wd): s, log q, q, [log p_i], log p, p and lr = log p - log q.
+
+        lr is formed from the shifted logit differences (t - s) and the row constants c_ts, so
+        that it stays accurate (relative to itself) when the teacher is close to the student.
+        """
         s = load(student, a, b)
-        logq = s * inv_t - cs[a:b, None]
-        logps = [load(t, a, b) * inv_t - ct[i, a:b, None] for i, t in enumerate(teachers)]
+        logq = (s - ms[a:b, None]) * inv_t - log_zs[a:b, None]
+        s_fin = s != -math.inf
+        logps, lrs = [], []
+        for i, t in enumerate(teachers):
+            t = load(t, a, b)
+            both = s_fin & (t != -math.inf)
+            lr = _shifted_diff(t, s, mt[i, a:b], ms[a:b], inv_t) - c_ts[i][a:b, None]
+            logp_i = torch.where(both, logq + lr,
+                                 (t - mt[i, a:b, None]) * inv_t - log_zt[i][a:b, None])
+            lrs.append(torch.where(both, lr, logp_i - logq))  # +-inf, or NaN where p = q = 0
+            logps.append(logp_i)
         if mixture:
-            stacked = torch.stack([lp + lw for lp, lw in zip(logps, w_log) if lw is not None])
-            logp = torch.logsumexp(stacked, 0)  # -inf where every teacher is -inf
+            keep_w = [j for j, lw in enumerate(w_log) if lw is not None]
+            logp = torch.logsumexp(torch.stack([logps[j] + w_log[j] for j in keep_w]), 0)
+            lr_mix = torch.logsumexp(torch.stack([lrs[j] + w_log[j] for j in keep_w]), 0)
+            lr = torch.where(s_fin, lr_mix, logp - logq)
         else:
-            logp = logps[0]
-        return s, logq, logq.exp(), logps, logp, logp.exp()
+            logp, lr = logps[0], lrs[0]
+        return s, logq, logq.exp(), logps, logp, logp.exp(), lr
+
+    def jsd_logs(lr):
+        """(log p - log m, log q - log m), m = beta p + (1 - beta) q, without cancellation."""
+        lb, l1b = math.log(beta), math.log1p(-beta)
+        g = torch.where(lr > -1.0, -torch.log1p((1.0 - beta) * torch.expm1(-lr)),
+                        -torch.logaddexp(l1b - lr, torch.full_like(lr, lb)))
+        fq = torch.where(lr < 1.0, -torch.log1p(beta * torch.expm1(lr)),
+                         -torch.logaddexp(lb + lr, torch.full_like(lr, l1b)))
+        return g, fq
+
+    def p_minus_q(p, q, lr):
+        return torch.where(q > 0, q * torch.expm1(lr), p)
 
     # Round 3 (SUM): per-row partial sums: divergence terms, gradient corrections, hard CE.
     layout = []  # names of the rows of `parts`
     if divergence == "kl":
         layout.append("D")
-        if mixture:
-            layout += [f"c{i}" for i in range(n_t) if need_t[i]]
+        layout += [f"c{i}" for i in range(n_t) if mixture and need_t[i]]
     elif divergence == "reverse_kl":
         layout.append("D")
         layout += [f"c{i}" for i in range(n_t) if need_t[i]]
     elif divergence == "jsd":
-        layout += ["Dp", "Dq"]
-        if mixture:
-            layout += [f"c{i}" for i in range(n_t) if need_t[i]]
-    else:  # tvd
+        layout += ["D", "Dp", "Dq"]
+        layout += [f"c{i}" for i in range(n_t) if mixture and need_t[i]]
+    else:  # tvd: the masses of q (and of each p_i) in the classes sign(q - p) = +1, -1, 0
         layout.append("D")
         if need_s:
-            layout.append("Sq")
-        layout += [f"c{i}" for i in range(n_t) if need_t[i]]
+            layout += ["Q+", "Q-", "Q0"]
+        for i in range(n_t):
+            if need_t[i]:
+                layout += [f"P{i}+", f"P{i}-", f"P{i}0"]
     if hard:
         layout.append("nll")
         if eps > 0:
@@ -251,44 +331,49 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
     idx = {name: j for j, name in enumerate(layout)}
     parts = torch.zeros(len(layout), n_rows, dtype=wd, device=device)
 
-    def log_ratio(a, b, s, logq, logps, logp):
-        """log p - log q; for one teacher from the logits directly (no cancellation of lses)."""
-        if mixture:
-            return logp - logq
-        return (load(teachers[0], a, b) - s) * inv_t + (cs[a:b] - ct[0, a:b])[:, None]
+    def put(name, a, b, value):
+        parts[idx[name], a:b] = value.sum(-1)
 
     for a, b in chunks:
-        s, logq, q, logps, logp, p = dists(a, b)
+        s, logq, q, logps, logp, p, lr = dists(a, b)
         pos_p, pos_q = p > 0, q > 0
         if divergence == "kl":
-            h = _where0(pos_p, log_ratio(a, b, s, logq, logps, logp))
-            parts[idx["D"], a:b] = (p * h).sum(-1)
+            h = _where0(pos_p, lr)
+            put("D", a, b, _kl_terms(p, q, lr, cut))
             for i in range(n_t):
                 if mixture and need_t[i]:
-                    parts[idx[f"c{i}"], a:b] = (logps[i].exp() * h).sum(-1)
+                    put(f"c{i}", a, b, logps[i].exp() * h)
         elif divergence == "reverse_kl":
-            f = _where0(pos_q, -log_ratio(a, b, s, logq, logps, logp))
-            parts[idx["D"], a:b] = (q * f).sum(-1)
+            put("D", a, b, _reverse_kl_terms(p, q, lr, cut))
             for i in range(n_t):
-                if need_t[i]:
-                    rho = _where0(pos_p, (logps[i] - logp).exp()) if mixture else pos_p.to(wd)
-                    parts[idx[f"c{i}"], a:b] = (rho * q).sum(-1)
+                if need_t[i]:  # sum_v p_i (q/p - 1)_v over p > 0
+                    pi = logps[i].exp() if mixture else p
+                    put(f"c{i}", a, b, _where0(pos_p, pi * torch.expm1(-lr)))
         elif divergence == "jsd":
-            logm = _log_mix(logp, logq, beta, 1.0 - beta)
-            g = _where0(pos_p, logp - logm)
-            parts[idx["Dp"], a:b] = (p * g).sum(-1)
-            parts[idx["Dq"], a:b] = (q * _where0(pos_q, logq - logm)).sum(-1)
+            g, fq = jsd_logs(lr)
+            # JSD = sum_v m_v (beta phi(log p/m) + (1 - beta) phi(log q/m)): terms >= 0.
+            m = beta * p + (1.0 - beta) * q
+            put("D", a, b, m * (beta * _phi(_where(pos_p, g, -math.inf), cut)
+                                + (1.0 - beta) * _phi(_where(pos_q, fq, -math.inf), cut)))
+            g = _where0(pos_p, g)
+            put("Dp", a, b, p * g)
+            put("Dq", a, b, q * _where0(pos_q, fq))
             for i in range(n_t):
                 if mixture and need_t[i]:
-                    parts[idx[f"c{i}"], a:b] = (logps[i].exp() * g).sum(-1)
+                    put(f"c{i}", a, b, logps[i].exp() * g)
         else:
-            diff = q - p
-            parts[idx["D"], a:b] = 0.5 * diff.abs().sum(-1)
-            if need_s:
-                parts[idx["Sq"], a:b] = (q * diff.sign()).sum(-1)
+            pq = p_minus_q(p, q, lr)
+            put("D", a, b, 0.5 * pq.abs())
+            if need_s:  # classes of sign(q - p)
+                put("Q+", a, b, _where0(pq < 0, q))
+                put("Q-", a, b, _where0(pq > 0, q))
+                put("Q0", a, b, _where0(pq == 0, q))
             for i in range(n_t):
-                if need_t[i]:
-                    parts[idx[f"c{i}"], a:b] = (logps[i].exp() * (-diff).sign()).sum(-1)
+                if need_t[i]:  # classes of sign(p - q)
+                    pi = logps[i].exp()
+                    put(f"P{i}+", a, b, _where0(pq > 0, pi))
+                    put(f"P{i}-", a, b, _where0(pq < 0, pi))
+                    put(f"P{i}0", a, b, _where0(pq == 0, pi))
         if hard:
             logq1 = s - c1[a:b, None]
             lt = local_tgt[a:b]
@@ -296,20 +381,24 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
             picked = logq1.gather(-1, _where0(own, lt).unsqueeze(-1)).squeeze(-1)
             parts[idx["nll"], a:b] = _where0(own, -picked)
             if eps > 0:
-                parts[idx["smooth"], a:b] = -_where0(s != -math.inf, logq1).sum(-1)
+                put("smooth", a, b, -_where0(s != -math.inf, logq1))
     dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
 
-    if divergence == "jsd":
-        div_rows = beta * parts[idx["Dp"]] + (1.0 - beta) * parts[idx["Dq"]]
-    else:
-        div_rows = parts[idx["D"]]
-    row_loss = cfg.soft_factor * div_rows
+    def part(name, a, b):
+        return parts[idx[name], a:b, None]
+
+    row_loss = cfg.soft_factor * parts[idx["D"]]
     if hard:
         ce = parts[idx["nll"]]
         if eps > 0:
             ce = (1.0 - eps) * ce + eps / vocab * parts[idx["smooth"]]
         row_loss = row_loss + cfg.hard_weight * ce
     row_loss = _where0(valid, row_loss)
+
+    def sign_class(sign, plus, minus, zero):
+        """sign - sum_v mass_v sign_v for a distribution: 2 M- + M0, -(2 M+ + M0), M- - M+."""
+        return torch.where(sign > 0, 2 * minus + zero,
+                           torch.where(sign < 0, -(2 * plus + zero), minus - plus))
 
     # Pass 4 (local): gradients of the shards from the global statistics and sums.
     grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if need_s else None
@@ -321,26 +410,23 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
             row_scale = row_scale * grad_scale.to(device=device, dtype=wd).reshape(())
         soft = cfg.soft_factor * inv_t
         for a, b in chunks:
-            s, logq, q, logps, logp, p = dists(a, b)
+            s, logq, q, logps, logp, p, lr = dists(a, b)
             pos_p, pos_q = p > 0, q > 0
             rs = row_scale[a:b, None]
             if divergence == "jsd":
-                logm = _log_mix(logp, logq, beta, 1.0 - beta)
+                g, fq = jsd_logs(lr)
+            if divergence == "tvd":
+                pq = p_minus_q(p, q, lr)
             if need_s:
                 if divergence == "kl":
-                    if mixture:
-                        gs = q - p
-                    else:  # q - p = -q expm1(log p - log q), accurate when p ~ q
-                        gs = -q * torch.expm1(log_ratio(a, b, s, logq, logps, logp))
-                        gs = torch.where(pos_q, gs, -p)
+                    gs = -p_minus_q(p, q, lr)  # q - p, accurate when p ~ q
                 elif divergence == "reverse_kl":
-                    f = _where0(pos_q, -log_ratio(a, b, s, logq, logps, logp))
-                    gs = q * (f - parts[idx["D"], a:b, None])
+                    gs = q * (_where0(pos_q, -lr) - part("D", a, b))
                 elif divergence == "jsd":
-                    fq = _where0(pos_q, logq - logm)
-                    gs = (1.0 - beta) * q * (fq - parts[idx["Dq"], a:b, None])
+                    gs = (1.0 - beta) * q * (_where0(pos_q, fq) - part("Dq", a, b))
                 else:
-                    gs = 0.5 * q * ((q - p).sign() - parts[idx["Sq"], a:b, None])
+                    gs = 0.5 * q * sign_class(-pq, part("Q+", a, b), part("Q-", a, b),
+                                              part("Q0", a, b))
                 gs = soft * gs
                 if hard:
                     q1 = torch.exp(s - c1[a:b, None])
@@ -358,18 +444,18 @@ def vocab_parallel_kd_forward(student, teachers, target, weights, cfg, grad_scal
                 if not need_t[i]:
                     continue
                 pi = logps[i].exp() if mixture else p
-                c = parts[idx[f"c{i}"], a:b, None] if f"c{i}" in idx else None
                 if divergence == "kl":
-                    h = _where0(pos_p, log_ratio(a, b, s, logq, logps, logp))
-                    gt = pi * (h - (parts[idx["D"], a:b, None] if c is None else c))
+                    c = part(f"c{i}", a, b) if mixture else part("D", a, b)
+                    gt = pi * (_where0(pos_p, lr) - c)
                 elif divergence == "reverse_kl":
-                    rho = _where0(pos_p, (logps[i] - logp).exp()) if mixture else pos_p.to(wd)
-                    gt = pi * c - rho * q
+                    # p_i (sum_u p_i,u q_u/p_u - q/p) = p_i (c_i - (q/p - 1)), no cancellation
+                    gt = _where0(pos_p, pi * (part(f"c{i}", a, b) - torch.expm1(-lr)))
                 elif divergence == "jsd":
-                    g = _where0(pos_p, logp - logm)
-                    gt = beta * pi * (g - (parts[idx["Dp"], a:b, None] if c is None else c))
+                    c = part(f"c{i}", a, b) if mixture else part("Dp", a, b)
+                    gt = beta * pi * (_where0(pos_p, g) - c)
                 else:
-                    gt = 0.5 * pi * ((p - q).sign() - c)
+                    gt = 0.5 * pi * sign_class(pq, part(f"P{i}+", a, b), part(f"P{i}-", a, b),
+                                               part(f"P{i}0", a, b))
                 grad_t[i][a:b] = (soft * weights[i] * gt * rs).to(grad_t[i].dtype)
     flags = torch.zeros(1, dtype=torch.int32, device=device)
     return row_loss, grad_s, grad_t, flags
@@ -403,7 +489,8 @@ class _VocabParallelKD(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError(
                 "fastkd vocab-parallel KD loss: backward ran twice through the same graph (the "
-                "gradient is computed in the forward pass and scaled in place); recompute the loss.")
+                "gradient is computed in the forward pass and scaled in place); recompute the "
+                "loss.")
         ctx.consumed = True
         if ctx.reduction == "none":
             scale = grad_output.reshape(-1, 1)
@@ -440,6 +527,11 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, target=None, *, proce
     hard term, at 1) and per-row partial sums are all-reduced: four collectives of O(N) floats per
     call. The local computation runs in PyTorch ops, ``chunk_rows`` rows at a time, in float32
     (float64 if an input is float64); ``backend`` applies only to the single-process path.
+
+    As in any tensor-parallel output layer, inputs replicated over the group upstream of the
+    shards (e.g. the hidden states fed to a column-parallel lm_head) receive one partial gradient
+    per rank, which the model's tensor-parallel layer all-reduces in backward (Megatron's
+    ``copy_to_tensor_model_parallel_region``); fastkd only returns the shard gradients.
 
     ``process_group=None`` or a group of one rank is exactly :func:`fastkd.functional.kd_loss`.
     Every rank must call collectively (it is a collective operation); a mismatch in the number of

@@ -75,7 +75,8 @@ def kd_loss(student_logits, teacher_logits=None, target=None, *, temperature=1.0
             ``teacher_logits``: a sparse top-k teacher (see :class:`fastkd.KDLoss`).
         target: optional ``[*]`` integer class indices for the hard cross-entropy term.
         process_group: vocabulary-parallel KD over this ``torch.distributed`` group (the logits
-            are this rank's vocabulary shard; see :func:`fastkd.distributed.vocab_parallel_kd_loss`).
+            are this rank's vocabulary shard; see
+            :func:`fastkd.distributed.vocab_parallel_kd_loss`).
         (the keyword arguments are those of :class:`fastkd.KDLoss`)
 
     Returns:
