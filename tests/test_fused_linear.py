@@ -302,3 +302,27 @@ def test_peak_memory_independent_of_rows():
     growth = int(out.stdout.strip().splitlines()[-1])
     logits_bytes = 16384 * 32000 * 4
     assert growth < logits_bytes / 4, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_topk_nan_masks_and_ignored_rows(backend, device):
+    g = torch.Generator().manual_seed(5)
+    n, vocab, k = 6, 40, 4
+    s = torch.randn(n, vocab, generator=g)
+    s[:, 30:] = -math.inf  # masked vocabulary, never listed by the teacher
+    lp, idx = torch.log_softmax(torch.randn(n, 30, generator=g), -1).topk(k)
+    y = torch.randint(0, 30, (n,), generator=g)
+    s[2, 5] = math.nan               # NaN row: NaN loss in that row only
+    s[4] = math.nan                  # ignored row of garbage: 0, zero gradient
+    y[4] = -100
+    sx = s.clone().to(device).requires_grad_()
+    out = kd_loss(sx, None, y.to(device), teacher_topk=(idx.to(device), lp.to(device)),
+                  hard_weight=0.5, reduction="none", backend=backend)
+    assert torch.isnan(out[2]) and out[4] == 0
+    finite = [0, 1, 3, 5]
+    assert torch.isfinite(out[finite]).all()
+    out[finite].sum().backward()
+    assert (sx.grad[4] == 0).all() and (sx.grad[finite][:, 30:] == 0).all()
+    ref = kd_loss(s.double()[finite], None, y[finite], teacher_topk=(idx[finite],
+                  lp[finite].double()), hard_weight=0.5, reduction="none", backend="reference")
+    assert_close_loss(out[finite], ref, torch.float32)

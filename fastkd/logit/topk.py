@@ -6,18 +6,21 @@ k + 1 buckets (the listed entries and one residual bucket), see
 :func:`fastkd.logit.reference.topk_bucket_logprobs`.
 
 On every backend the loss and the student gradient are computed together in the forward pass,
-in row chunks so that the float32 temporaries stay O(chunk * V) (the student gradient itself is
-written in the student's dtype); backward only scales that gradient. The per-chunk math is the
-reference's own bucket formulation differentiated by autograd (in float32, float64 for float64
-inputs), so there is one definition of the top-k loss in the library.
+in row chunks of PyTorch ops so that the float32 temporaries stay O(chunk * V) (the student
+gradient itself is written in the student's dtype); backward only scales that gradient. Per
+chunk: three row statistics over V (logsumexp of all entries, of the unlisted ones, and at
+T = 1 for the hard term), the divergence and its bucket gradients on the small [rows, k + 1]
+tensors (through the reference's ``divergence_rows``), and one write of the gradient over V.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from fastkd import _checks
 from fastkd._reduce import count_rows, reduce_rows
-from fastkd.logit.reference import kd_rows_topk_reference
+from fastkd.logit.reference import divergence_rows, kd_rows_topk_reference
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
 _CHUNK_ELEMENTS = 1 << 22
@@ -71,29 +74,116 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
+class _RowExp:
+    """``e = exp(x - max)`` of a chunk with its row max and row sum: the softmax is ``e / sum``
+    and ``logsumexp = max + log(sum)``, so the exponentials are computed once and reused."""
+
+    def __init__(self, x):
+        self.m = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # all -inf rows
+        self.e = torch.exp(x - self.m)
+        self.sum = self.e.sum(-1, keepdim=True)
+        self.lse = self.m + self.sum.log()
+
+
+def _bucket_terms(z, idx, lp, soft_factor, cfg, weight, ez):
+    """Per row of one chunk (``z = s / T``, ``ez`` its :class:`_RowExp`): the soft row loss and
+    the gradient of ``weight * soft_factor * D`` with respect to ``z``.
+
+    The bucket log-probabilities come from row statistics: ``lse`` over all entries,
+    ``lse_rest`` over the unlisted ones (summed directly, not as ``1 - sum Q_j``, so a tiny
+    residual keeps its relative precision), and the listed ``z``. D and ``g_b = dD/dlog Q_b``
+    are computed on the small ``[rows, k + 1]`` tensors by autograd through the reference's
+    ``divergence_rows`` (one definition of D). Then, with ``G = sum_b g_b``,
+    ``dD/dz_v = g_j [v = indices_j] + g_res e_v / sum_rest [v unlisted] - G e_v / sum``.
+    """
+    e_rest = ez.e.scatter(-1, idx, 0.0)
+    sum_rest = e_rest.sum(-1, keepdim=True)
+    empty = sum_rest == 0  # k == V, every unlisted entry masked, or underflow below the max
+    lse_rest = torch.where(empty, torch.full_like(sum_rest, -math.inf), ez.m + sum_rest.log())
+    logq = torch.cat([z.gather(-1, idx) - ez.lse, lse_rest - ez.lse], -1)
+    p_res = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    p_res = torch.where(empty, torch.zeros_like(p_res), p_res)
+    logp = torch.cat([lp, torch.where(p_res > 0, p_res.clamp_min(torch.finfo(z.dtype).tiny).log(),
+                                      torch.full_like(p_res, -math.inf))], -1)
+    with torch.enable_grad():
+        lq = logq.detach().requires_grad_(True)
+        d = divergence_rows(logp, lq, cfg.divergence, cfg.beta) * soft_factor
+        w = weight if isinstance(weight, float) else weight.reshape(-1)
+        (g,) = torch.autograd.grad((d * w).sum(), lq)
+    g_res = torch.where(empty, torch.zeros_like(g[:, -1:]), g[:, -1:])
+    g_k = g[:, :-1]
+    grad = e_rest.mul_(g_res / torch.where(empty, torch.ones_like(sum_rest), sum_rest))
+    grad.addcmul_(ez.e, (g_k.sum(-1, keepdim=True) + g_res) / ez.sum, value=-1.0)
+    grad.scatter_add_(-1, idx, g_k)
+    return d.detach(), grad
+
+
+def _hard_terms(s, tgt, cfg, weight, es):
+    """Hard CE rows (T = 1, label smoothing as in the reference: the smoothing sum skips -inf
+    entries and divides by V) and the gradient of ``weight * hard_weight * CE`` (``es``: the
+    :class:`_RowExp` of ``s``)."""
+    vocab = s.shape[-1]
+    eps = cfg.label_smoothing
+    ce = es.lse.squeeze(-1) - s.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    scale = weight * cfg.hard_weight
+    if eps == 0.0:
+        grad = es.e * (scale / es.sum)
+    else:
+        finite = s != -math.inf
+        n_fin = finite.sum(-1, keepdim=True).to(s.dtype)
+        s_fin = torch.where(finite, s, torch.zeros_like(s)).sum(-1, keepdim=True)
+        ce = (1.0 - eps) * ce + eps * ((es.lse * n_fin - s_fin) / vocab).squeeze(-1)
+        grad = es.e * (scale * ((1.0 - eps) + eps * n_fin / vocab) / es.sum)
+        grad.sub_(finite.to(s.dtype) * (scale * eps / vocab))
+    tgt_g = torch.full_like(ce.unsqueeze(-1), -(1.0 - eps)) * scale
+    grad.scatter_add_(-1, tgt.unsqueeze(-1), tgt_g)
+    return ce, grad
+
+
 def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     """Row losses ``[N]`` (float32, float64 for float64 input) and, if ``need_grad``, the
-    gradient of ``sum_r grad_scale * loss_r`` with respect to ``s2`` in its dtype."""
+    gradient of ``sum_r grad_scale * loss_r`` with respect to ``s2`` in its dtype (rows whose
+    target is ``ignore_index`` are 0 and get a zero gradient)."""
     n, vocab = s2.shape
     work = torch.float64 if s2.dtype == torch.float64 else torch.float32
     rows_out = torch.empty(n, dtype=work, device=s2.device)
     grad = torch.empty_like(s2) if need_grad else None
-    kwargs = dict(temperature=cfg.temperature, soft_weight=cfg.soft_weight,
-                  hard_weight=cfg.hard_weight, divergence=cfg.divergence, beta=cfg.beta,
-                  t2_scale=cfg.t2_scale, ignore_index=cfg.ignore_index,
-                  label_smoothing=cfg.label_smoothing)
+    soft_factor = cfg.soft_weight * (cfg.temperature ** 2 if cfg.t2_scale else 1.0)
+    weight = grad_scale.to(work).reshape(-1, 1) if grad_scale is not None else 1.0
     step = _chunk_rows(vocab)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        with torch.enable_grad():
-            s = s2[lo:hi].detach().to(work).requires_grad_(need_grad)
-            rows = kd_rows_topk_reference(s, idx[lo:hi], lp[lo:hi].detach(),
-                                          None if tgt is None else tgt[lo:hi], **kwargs)
-            if need_grad:
-                weight = grad_scale.to(work) if grad_scale is not None else 1.0
-                (g,) = torch.autograd.grad((rows * weight).sum(), s)
-                grad[lo:hi] = g
-        rows_out[lo:hi] = rows.detach()
+        s = s2[lo:hi].to(work)
+        tg = None if tgt is None else tgt[lo:hi]
+        valid = None
+        if tg is not None:
+            valid = tg != cfg.ignore_index
+            if bool((valid & ((tg < 0) | (tg >= vocab))).any()):
+                raise ValueError(f"target has values outside [0, {vocab}) other than "
+                                 f"ignore_index={cfg.ignore_index}")
+            # Ignored rows may hold anything (padding): compute on zeros instead.
+            s = torch.where(valid.unsqueeze(-1), s, torch.zeros((), dtype=work, device=s.device))
+        if bool((s == -math.inf).all(-1).any()):
+            raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary "
+                             "entry left)")
+        z = s / cfg.temperature if cfg.temperature != 1.0 else s
+        ez = _RowExp(z)
+        w = weight if isinstance(weight, float) else weight.expand(hi - lo, 1)
+        rows, g = _bucket_terms(z, idx[lo:hi], lp[lo:hi].detach().to(work), soft_factor, cfg,
+                                w, ez)
+        if cfg.temperature != 1.0:
+            g.mul_(1.0 / cfg.temperature)
+        if tg is not None and cfg.hard_weight != 0.0:
+            safe = torch.where(valid, tg, torch.zeros_like(tg))
+            ce, gh = _hard_terms(s, safe, cfg, w, ez if z is s else _RowExp(s))
+            rows = rows + cfg.hard_weight * ce
+            g.add_(gh)
+        if valid is not None:
+            rows = torch.where(valid, rows, torch.zeros_like(rows))
+            g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
+        rows_out[lo:hi] = rows
+        if need_grad:
+            grad[lo:hi] = g
     return rows_out, grad
 
 
