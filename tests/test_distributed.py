@@ -366,6 +366,40 @@ def _ddp_case(group, rank, world, *, fsdp=False):
         _close(p.detach(), q.detach(), 1e-10, f"parameter {name}")
 
 
+def _vp_fused_linear(group, rank, splits):
+    """FusedLinearKDLoss(process_group=...): each rank holds the same hidden states and a shard of
+    the lm_head rows; loss and weight-shard gradients equal the single-process result, and the
+    hidden-state gradients summed over ranks (what the tensor-parallel layer upstream does)
+    equal the single-process gradient."""
+    g = torch.Generator().manual_seed(11)
+    n, h, vocab = 7, 5, sum(splits)
+    hs = torch.randn(n, h, generator=g, dtype=F64)
+    ws = torch.randn(vocab, h, generator=g, dtype=F64)
+    bs = torch.randn(vocab, generator=g, dtype=F64)
+    ht = torch.randn(n, h + 2, generator=g, dtype=F64)
+    wt = torch.randn(vocab, h + 2, generator=g, dtype=F64)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[2] = -100
+    lo = sum(splits[:rank])
+    hi = lo + splits[rank]
+    kw = dict(temperature=1.7, hard_weight=0.5, divergence="jsd", label_smoothing=0.1)
+    full = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    ref = fastkd.FusedLinearKDLoss(backend="reference", **kw)(full[0], full[1], ht, wt, y,
+                                                              student_bias=full[2])
+    ref.backward()
+    mine = [hs.clone().requires_grad_(), ws[lo:hi].clone().requires_grad_(),
+            bs[lo:hi].clone().requires_grad_()]
+    loss = fastkd.FusedLinearKDLoss(process_group=group, chunk_size=3, **kw)(
+        mine[0], mine[1], ht, wt[lo:hi], y, student_bias=mine[2])
+    loss.backward()
+    _close(loss, ref, 1e-10, "fused-linear vp loss")
+    _close(mine[1].grad, full[1].grad[lo:hi], 1e-10, "weight shard grad")
+    _close(mine[2].grad, full[2].grad[lo:hi], 1e-10, "bias shard grad")
+    gh = mine[0].grad.clone()
+    dist.all_reduce(gh, group=group)
+    _close(gh, full[0].grad, 1e-10, "hidden grad summed over ranks")
+
+
 # ------------------------------------------------------------------------------- the groups
 SPLITS = {2: [4, 5], 3: [3, 6, 2]}
 BATCH_SIZES = {2: [3, 4], 3: [2, 4, 3]}
@@ -388,6 +422,7 @@ def _checks(world, group, singletons, rank):
     out.append(("vp/errors", lambda: _vp_errors(group, rank, splits)))
     out.append(("vp/kernel_convention_row_chunks",
                 lambda: _vp_kernel_convention(group, rank, splits)))
+    out.append(("vp/fused_linear", lambda: _vp_fused_linear(group, rank, splits)))
     for name in REL_CASES:
         out.append((f"rel/{name}", lambda name=name: _rel_case(group, rank, sizes, name)))
     out.append(("rel/functional_gather", lambda: _rel_case(

@@ -19,9 +19,12 @@ the chunks (one extra pair of logit GEMMs).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastkd import _backend, _checks
+from fastkd import distributed as _distributed
 from fastkd._reduce import count_rows, reduce_rows
 from fastkd.logit import autograd as _logit
 from fastkd.logit import topk as _topk
@@ -43,6 +46,10 @@ def auto_chunk_size(rows: int, vocab: int, bytes_per_logit_row: int, device: tor
     if chunk >= 8:
         chunk -= chunk % 8
     return int(min(rows, chunk))
+
+
+def _wide(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _linear(hidden, weight, bias):
@@ -81,8 +88,8 @@ class _Accumulator:
 class _Plan:
     """Everything about one call that is not a tensor (shapes, flags, config, backend)."""
 
-    def __init__(self, cfg, backend, chunk, vocab, teacher_kind, lead_shape):
-        self.cfg, self.backend, self.chunk, self.vocab = cfg, backend, chunk, vocab
+    def __init__(self, cfg, kernel, chunk, vocab, teacher_kind, lead_shape):
+        self.cfg, self.kernel, self.chunk, self.vocab = cfg, kernel, chunk, vocab
         self.teacher_kind = teacher_kind  # "linear" | "logits" | "topk"
         self.lead_shape = lead_shape
 
@@ -98,18 +105,19 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
     wt_v = None if wt is None else wt[:vocab]
     bt_v = None if bt is None else bt[:vocab]
     single = plan.chunk >= n
-    rows_out = torch.empty(n, dtype=torch.float32, device=hs.device)
+    rows_out = torch.empty(n, dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32,
+                           device=hs.device)
     flags = torch.zeros((), dtype=torch.int32, device=hs.device)
     g_hs = torch.empty_like(hs) if need[0] else None
     acc_ws = _Accumulator(ws.shape, ws.dtype, ws.device, single) if need[1] else None
-    g_bs = torch.zeros(bs.shape, dtype=torch.float32, device=bs.device) if need[2] else None
+    g_bs = torch.zeros(bs.shape, dtype=_wide(bs.dtype), device=bs.device) if need[2] else None
     g_ht = torch.empty_like(ht) if need[3] else None
     acc_wt = _Accumulator(wt.shape, wt.dtype, wt.device, single) if need[4] else None
-    g_bt = torch.zeros(bt.shape, dtype=torch.float32, device=bt.device) if need[5] else None
+    g_bt = torch.zeros(bt.shape, dtype=_wide(bt.dtype), device=bt.device) if need[5] else None
     g_tl = torch.zeros_like(tl) if need[6] else None
     need_s = need[0] or need[1] or need[2]
     need_t = need[3] or need[4] or need[5] or need[6]
-    kernel = _logit.KERNELS[plan.backend]
+    kernel = plan.kernel
     for lo in range(0, n, plan.chunk):
         hi = min(n, lo + plan.chunk)
         s = _linear(hs[lo:hi], ws_v, bs_v)
@@ -136,13 +144,13 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
         if need[1]:
             acc_ws.add_(slice(0, vocab), gs, hs[lo:hi])
         if need[2]:
-            g_bs[:vocab] += gs.sum(0, dtype=torch.float32)
+            g_bs[:vocab] += gs.sum(0, dtype=g_bs.dtype)
         if need[3]:
             torch.mm(gt, wt_v, out=g_ht[lo:hi])
         if need[4]:
             acc_wt.add_(slice(0, vocab), gt, ht[lo:hi])
         if need[5]:
-            g_bt[:vocab] += gt.sum(0, dtype=torch.float32)
+            g_bt[:vocab] += gt.sum(0, dtype=g_bt.dtype)
         if need[6]:
             g_tl[lo:hi, :vocab] = gt
     grads = [g_hs, None if acc_ws is None else acc_ws.result(),
@@ -157,6 +165,8 @@ class _FusedLinearKD(torch.autograd.Function):
     def forward(ctx, plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
         need = list(ctx.needs_input_grad[4:11])
         count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
+        if hs.dtype == torch.float64:
+            count = count.double()  # float64 inputs (vocab-parallel path): exact 1/count
         deferred = plan.cfg.reduction == "none"
         grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
         rows, flags, grads = _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp,
@@ -169,7 +179,7 @@ class _FusedLinearKD(torch.autograd.Function):
             ctx.save_for_backward(tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp)
         else:
             ctx.save_for_backward(*grads)
-        return reduce_rows(rows, plan.cfg.reduction, plan.lead_shape, count)
+        return reduce_rows(rows, plan.cfg.reduction, plan.lead_shape, count.to(rows.dtype))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -185,7 +195,7 @@ class _FusedLinearKD(torch.autograd.Function):
                                       grad_output.reshape(-1).float())
         else:
             grads = list(ctx.saved_tensors)
-            scale = grad_output.reshape(()).float()
+            scale = grad_output.reshape(())
             for g in grads:
                 if g is not None:
                     g.mul_(scale)  # in place: no second copy of a weight-sized gradient
@@ -230,7 +240,7 @@ def _autocast(device, *tensors):
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                          teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
                          teacher_logits=None, *, teacher_topk=None, teacher_weights=None,
-                         backend="auto", chunk_size=None, **config):
+                         backend="auto", chunk_size=None, process_group=None, **config):
     """See :class:`fastkd.FusedLinearKDLoss`."""
     cfg = _logit.LogitKDConfig(**config)
     backend = _backend.check_backend_name(backend)
@@ -291,6 +301,12 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     idx = lp = None
     if kind == "topk":
         idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device))
+    parallel = _distributed.is_parallel(process_group)
+    if parallel and (kind == "topk" or vocab_s != vocab_t):
+        raise ValueError("with a process_group (vocabulary-parallel lm_head), the teacher must "
+                         "be teacher_hidden/teacher_weight or teacher_logits whose local "
+                         "vocabulary shard has the student's width (got "
+                         f"{'teacher_topk' if kind == 'topk' else f'{vocab_t} vs {vocab_s}'})")
     name = _backend.resolve_backend(backend, device)
     dtypes = [x.dtype for x in (hs, ht, tl) if x is not None]
     if name != "reference" and any(d not in _logit._KERNEL_DTYPES for d in dtypes):
@@ -298,16 +314,23 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
             raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 inputs; "
                                f"use backend='reference' for float64")
         name = "reference"
-    if name == "reference":
+    if name == "reference" and not parallel:
         return _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
-    if hs.shape[0] == 0:
+    if hs.shape[0] == 0 and not parallel:
         zero = 0.0 * (hs.sum() + ws.sum())  # keeps the graph: zero gradients, not None
         return reduce_rows(torch.zeros(0, device=device), cfg.reduction, lead,
                            torch.ones((), device=device)) + zero
     bytes_row = hs.element_size() * 2 + (0 if kind == "topk" else 2 * (ht if ht is not None
                                                                        else tl).element_size())
     chunk = chunk_size or auto_chunk_size(hs.shape[0], vocab, bytes_row, device)
-    plan = _Plan(cfg, name, chunk, vocab, kind, lead)
+    if parallel:
+        # Vocabulary-parallel: the per-chunk KD runs on this rank's shard with the softmax
+        # statistics all-reduced (O(chunk) floats per chunk), in any float dtype.
+        kernel = functools.partial(_distributed.vocab_parallel_kd_forward,
+                                   process_group=process_group)
+    else:
+        kernel = _logit.KERNELS[name]
+    plan = _Plan(cfg, kernel, chunk, vocab, kind, lead)
     hs, ht = hs.contiguous(), None if ht is None else ht.contiguous()
     return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
 

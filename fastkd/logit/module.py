@@ -150,6 +150,15 @@ class FusedLinearKDLoss(torch.nn.Module):
         chunk_size (int, optional): rows per chunk. Default: None (auto: the chunk's logits and
             logit gradients take ~1/8 of the free GPU memory, clamped to [64 MiB, 1 GiB], or
             256 MiB on CPU).
+        process_group (optional): vocabulary-parallel lm_head (Megatron-style tensor
+            parallelism): each rank passes the same hidden states and its own contiguous shard
+            of the vocabulary rows of ``student_weight`` (and ``teacher_weight`` /
+            ``teacher_logits``, same columns, same widths); the softmax statistics are
+            all-reduced per chunk (O(chunk) floats), and the loss equals the single-process
+            loss on the full vocabulary. As in any column-parallel output layer, the hidden
+            states receive this rank's partial gradient (the tensor-parallel layer upstream
+            all-reduces it); the weight shards get their exact gradients. ``target`` holds
+            global vocabulary ids. Not with ``teacher_topk``. Default: None.
 
     Forward:
         ``fn(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
@@ -183,8 +192,10 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean", teacher_weights=None, backend="auto", chunk_size=None):
+                 reduction="mean", teacher_weights=None, backend="auto", chunk_size=None,
+                 process_group=None):
         super().__init__()
+        self.process_group = process_group
         self._config = dict(temperature=temperature, soft_weight=soft_weight,
                             hard_weight=hard_weight, divergence=divergence, beta=beta,
                             t2_scale=t2_scale, ignore_index=ignore_index,
@@ -209,7 +220,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
                                     teacher_weight, target, student_bias, teacher_bias,
                                     teacher_logits, teacher_topk=teacher_topk,
-                                    backend=self.backend, chunk_size=self.chunk_size, **config)
+                                    backend=self.backend, chunk_size=self.chunk_size,
+                                    process_group=self.process_group, **config)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
