@@ -7,7 +7,6 @@ there is never a silent fallback.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,14 +17,20 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 _CHOICES = ("auto",) + BACKENDS
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT = {}  # the cached answer of _triton_import_reason
+
+
+@torch.compiler.assume_constant_result  # dynamo: evaluated at trace time, never traced
 def _triton_import_reason() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({exc})"
-    return None
+    if "reason" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_IMPORT["reason"] = f"triton is not importable ({exc})"
+        else:
+            _TRITON_IMPORT["reason"] = None
+    return _TRITON_IMPORT["reason"]
 
 
 def _triton_interpret() -> bool:

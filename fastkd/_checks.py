@@ -42,7 +42,8 @@ def check_finite_number(name: str, value, *, positive=False, nonnegative=False) 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: they also work on torch.compile(dynamic=True) SymFloats.
+    if value != value or value == math.inf or value == -math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")

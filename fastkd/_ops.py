@@ -15,7 +15,8 @@ the same way by every family (``fastkd/{logit,feature,relation}/autograd.py``):
   cannot return None).
 - **Implementation** (``mutates_args=()``): runs the kernel under :func:`kernel_context`
   (autocast off, so that torch ops inside the kernels never run in bf16/fp16), reads the kernel's
-  error flags and raises there (the ``.item()`` is inside the opaque op, not in the traced graph).
+  error flags and raises there (the ``.item()`` is inside the opaque op, not in the traced graph;
+  such ops are registered with :func:`host_sync_tags`).
 - **Fake** (``register_fake``): the output shapes and dtypes only.
 - **Autograd** (``register_autograd``): ``setup_context`` marks the gradient outputs
   non-differentiable, turns off grad materialisation and saves them; ``backward`` returns them
@@ -31,14 +32,34 @@ is why a second backward through the same graph raises. Under ``torch.compile`` 
 (functionalization: mutating a saved tensor is not allowed) it multiplies *out of place*: the
 compiled backward allocates one more input-sized gradient buffer (the saved one is freed right
 after) and makes one extra pass over it (fused by inductor with the cast to the input dtype).
+Measured for ``KDLoss`` at N = 512, V = 32000, float32, cpu backend, 2 cores: forward + backward
+about 0.28 s eagerly (in place, as the former ``autograd.Function``), 0.35 s out of place. The
+relation losses (``[B, d]`` gradients) always scale out of place (``in_place=False``), so their
+retained graphs may be walked twice. (A mutating "scale in place" op in the backward graph was
+tried: inductor re-inplaces it, but AOTAutograd's partitioner rejects it in ``opcheck``.)
+
+Cost: a custom op call goes through torch's Python custom-op machinery (argument pytrees,
+defaults); on tiny inputs that adds about 0.5 ms per forward + backward over the former
+``autograd.Function`` on CPU, nothing measurable on large ones.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
 NAMESPACE = "fastkd"
+
+
+def host_sync_tags() -> dict:
+    """``custom_op`` keyword arguments for an op whose implementation reads device data on the
+    host (the logit ops read their error flags): tagged ``cudagraph_unsafe`` where this torch has
+    the tag, so that ``torch.compile(mode="reduce-overhead")`` keeps it out of CUDA graphs."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None or "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        return {}
+    return {"tags": (tag,)}
 
 
 def needs_grad(t) -> bool:
@@ -46,9 +67,9 @@ def needs_grad(t) -> bool:
     return t is not None and torch.is_grad_enabled() and t.requires_grad
 
 
-def placeholder(like: torch.Tensor) -> torch.Tensor:
+def placeholder(like: torch.Tensor, dtype=None) -> torch.Tensor:
     """The ``[0]`` tensor an op returns in place of a gradient that was not asked for."""
-    return like.new_empty(0)
+    return like.new_empty(0, dtype=dtype)
 
 
 def no_autocast(device: torch.device):
@@ -80,19 +101,23 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor
 
 
-def scale_saved(ctx, saved, grad_output, what: str, per_row: bool = False):
+def scale_saved(ctx, saved, grad_output, what: str, per_row: bool = False,
+                in_place: bool = True):
     """Multiply the gradients ``saved`` (computed in forward; None entries stay None) by
     ``grad_output``: a scalar, or with ``per_row`` one value per row (the leading dimension).
 
-    Eagerly on plain tensors: in place (see the module docstring), once per forward; a second call
-    raises ``RuntimeError``. Traced (torch.compile, AOTAutograd, opcheck): out of place.
-    Results keep each gradient's dtype; the product is computed in float32.
+    Eagerly on plain tensors, with ``in_place``: in place (see the module docstring), once per
+    forward; a second call raises ``RuntimeError``. Traced (torch.compile, AOTAutograd, opcheck),
+    or without ``in_place`` (small gradients; a retained graph may be walked again): out of place.
+    Eagerly, a CPU scalar ``grad_output`` equal to 1 returns ``saved`` as is. Results keep each
+    gradient's dtype; the product is computed in float32.
     """
     live = [g for g in saved if g is not None]
     if not live:
         return list(saved)
-    inplace = (not torch.compiler.is_compiling() and _plain(grad_output)
-               and all(_plain(g) for g in live))
+    eager = (not torch.compiler.is_compiling() and _plain(grad_output)
+             and all(_plain(g) for g in live))
+    inplace = eager and in_place
     if inplace:
         if getattr(ctx, "fastkd_consumed", False):
             raise RuntimeError(
@@ -100,9 +125,9 @@ def scale_saved(ctx, saved, grad_output, what: str, per_row: bool = False):
                 f"compute the gradient once in the forward pass and scale it in place, so "
                 f"retain_graph=True with a second backward is not supported; recompute the loss.")
         ctx.fastkd_consumed = True
-        if (not per_row and grad_output.device.type == "cpu" and grad_output.numel() == 1
-                and grad_output.item() == 1.0):
-            return list(saved)  # the common case: loss.backward() on the reduced loss
+    if (eager and not per_row and grad_output.device.type == "cpu" and grad_output.numel() == 1
+            and grad_output.item() == 1.0):
+        return list(saved)  # the common case: loss.backward() on the reduced loss
     scale = grad_output.to(torch.float32)
     out = []
     for g in saved:

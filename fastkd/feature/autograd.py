@@ -7,6 +7,11 @@ chunk; backward only scales the saved gradients by ``grad_output``. With ``reduc
 gradient of ``grad_W`` depends on the per-row ``grad_output``, which is unknown in forward: forward
 computes the row losses only (nothing but the inputs is saved) and backward re-runs the fused pass
 with the per-row weights.
+
+The fused pass runs behind the ``torch.library`` custom ops ``fastkd::feature_kd`` and (the
+``"none"`` backward) ``fastkd::feature_kd_backward`` (the pattern is described in
+:mod:`fastkd._ops`), so ``torch.compile(fullgraph=True)`` traces :func:`feature_kd_loss` without a
+graph break. Autocast: see :func:`feature_kd_loss`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import math
 
 import torch
 
-from fastkd import _backend, _checks, _ext
+from fastkd import _backend, _checks, _ext, _ops
 from fastkd.feature.reference import COSINE_EPS, LOSSES, feature_kd_reference  # noqa: F401
 
 LOSS_IDS = {"mse": 0, "cosine": 1}
@@ -139,75 +144,174 @@ def _run(backend, layout, weight, bias, loss_id, scale, row_scale, compute_loss,
                             compute_loss, need_x, need_w, need_b, need_t, chunk)
 
 
-class _FusedFeatureKD(torch.autograd.Function):
-    """Forward runs the chunked fused pass; see the module docstring for what backward does."""
+# The fused pass behind torch.library custom ops (the pattern is described in fastkd/_ops.py).
+FEATURE_KD_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor? weight, Tensor? bias, str loss, int channel_dim, "
+    "str reduction, int chunk_size, bool need_grad_student, bool need_grad_teacher, "
+    "bool need_grad_weight, bool need_grad_bias, ScalarType? gemm_dtype, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+FEATURE_KD_BACKWARD_SCHEMA = (
+    "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? weight, Tensor? bias, str loss, "
+    "int channel_dim, int chunk_size, bool need_grad_student, bool need_grad_teacher, "
+    "bool need_grad_weight, bool need_grad_bias, ScalarType? gemm_dtype, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)")
 
-    @staticmethod
-    def forward(ctx, backend, loss, reduction, cd, chunk, grad_enabled, student, teacher,
-                weight, bias):
-        layout = _Layout(student, teacher, cd, backend)
-        rows = layout.x3.shape[0] * layout.x3.shape[2]
+
+def autocast_gemm_dtype(student, weight, backend):
+    """The dtype of the adapter GEMMs under autocast, or None (the inputs' dtypes decide).
+
+    Inside an enabled CUDA autocast region, with ``student`` already in the autocast dtype (the
+    usual case: produced by autocast layers) and a weight of another dtype (float32), the cuda and
+    triton backends run the adapter GEMMs in the autocast dtype (the weight is cast per call, as
+    ``nn.Linear`` would be) with float32 accumulation; ``grad_W`` and ``grad_b`` are still
+    accumulated in float32 and returned in the parameters' dtype. The cpu backend always runs its
+    GEMMs in float32, so it is never asked to.
+    """
+    if weight is None or backend not in ("cuda", "triton") or student.device.type != "cuda":
+        return None
+    if not torch.is_autocast_enabled("cuda"):
+        return None
+    dtype = torch.get_autocast_dtype("cuda")
+    return dtype if student.dtype == dtype and weight.dtype != dtype else None
+
+
+def _lead_shape(student, cd):
+    return student.shape[:cd] + student.shape[cd + 1:]
+
+
+def _op_grads(layout, student, teacher, gx, gt, gw, gb):
+    """Kernel gradients -> op outputs: input shapes (contiguous), placeholders where absent."""
+    f32 = torch.float32
+    return (_ops.placeholder(student) if gx is None
+            else layout.restore(gx, student.shape).contiguous(),
+            _ops.placeholder(teacher) if gt is None
+            else layout.restore(gt, teacher.shape).contiguous(),
+            _ops.placeholder(student, f32) if gw is None else gw,
+            _ops.placeholder(student, f32) if gb is None else gb)
+
+
+def _fake_grads(student, teacher, weight, bias, need_x, need_t, need_w, need_b):
+    f32 = torch.float32
+    gw = student.new_empty(weight.shape, dtype=f32) if need_w else _ops.placeholder(student, f32)
+    gb = student.new_empty(bias.shape, dtype=f32) if need_b else _ops.placeholder(student, f32)
+    return (student.new_empty(student.shape) if need_x else _ops.placeholder(student),
+            teacher.new_empty(teacher.shape) if need_t else _ops.placeholder(teacher), gw, gb)
+
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::feature_kd", mutates_args=(),
+                         schema=FEATURE_KD_SCHEMA)
+def feature_kd_op(student, teacher, weight, bias, loss, channel_dim, reduction, chunk_size,
+                  need_grad_student, need_grad_teacher, need_grad_weight, need_grad_bias,
+                  gemm_dtype, backend):
+    """``fastkd::feature_kd``: the chunked fused pass of ``backend`` (cpu, cuda, triton).
+
+    Validated arguments (``channel_dim`` non-negative, ``chunk_size`` 0 = auto, ``reduction``
+    without the alias). Returns ``(loss, grad_student, grad_teacher, grad_weight, grad_bias)``:
+    the float32 loss (a scalar, or the leading shape with ``"none"``) and, for ``"mean"``/``"sum"``,
+    its gradients (student/teacher shaped and typed like their inputs, weight/bias float32), each
+    a ``[0]`` placeholder where not asked for. With ``"none"`` all four are placeholders: the
+    backward recomputes them (``fastkd::feature_kd_backward``). ``gemm_dtype``: see
+    :func:`autocast_gemm_dtype`.
+    """
+    if gemm_dtype is not None and weight is not None:
+        weight = weight.to(gemm_dtype)
+    with _ops.kernel_context(student.device):
+        layout = _Layout(student, teacher, channel_dim, backend)
         dt = layout.t3.shape[1]
-        lead = student.shape[:cd] + student.shape[cd + 1:]
         loss_id = LOSS_IDS[loss]
-        needs = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[6:10])
-        ctx.backend, ctx.loss, ctx.reduction, ctx.cd, ctx.chunk = backend, loss, reduction, cd, chunk
-        ctx.consumed = False
         if reduction == "none":
             row_loss = _run(backend, layout, weight, bias, loss_id, 0.0, None, True,
-                            (False,) * 4, chunk)[0]
-            if any(needs):
-                ctx.save_for_backward(student, teacher, weight, bias)
+                            (False,) * 4, chunk_size)[0]
             out = row_loss / dt if loss == "mse" else row_loss
-            return out.reshape(lead)
+            return (out.reshape(_lead_shape(student, channel_dim)),
+                    *_op_grads(layout, student, teacher, None, None, None, None))
+        rows = layout.x3.shape[0] * layout.x3.shape[2]
         count = rows * dt if loss == "mse" else rows
         scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+        needs = (need_grad_student, need_grad_teacher, need_grad_weight, need_grad_bias)
         row_loss, gx, gw, gb, gt = _run(backend, layout, weight, bias, loss_id, scale, None,
-                                        True, needs, chunk)
-        ctx.save_for_backward(layout.restore(gx, student.shape),
-                              layout.restore(gt, teacher.shape), gw, gb)
-        ctx.param_dtypes = (None if weight is None else weight.dtype,
-                            None if bias is None else bias.dtype)
-        total = row_loss.sum(dtype=torch.float64)
-        return (total * scale).to(torch.float32)
+                                        True, tuple(bool(n) for n in needs), chunk_size)
+        total = (row_loss.sum(dtype=torch.float64) * scale).to(torch.float32)
+    return (total, *_op_grads(layout, student, teacher, gx, gt, gw, gb))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            student, teacher, weight, bias = ctx.saved_tensors
-            layout = _Layout(student, teacher, ctx.cd, ctx.backend)
-            needs = tuple(bool(n) for n in ctx.needs_input_grad[6:10])
-            dt = layout.t3.shape[1]
-            row_scale = grad_output.reshape(-1).to(torch.float32).contiguous()
-            scale = 1.0 / dt if ctx.loss == "mse" else 1.0
-            _, gx, gw, gb, gt = _run(ctx.backend, layout, weight, bias, LOSS_IDS[ctx.loss],
-                                     scale, row_scale, False, needs, ctx.chunk)
-            gx = layout.restore(gx, student.shape)
-            gt = layout.restore(gt, teacher.shape)
-            gw = None if gw is None else gw.to(weight.dtype)
-            gb = None if gb is None else gb.to(bias.dtype)
-            return (None,) * 6 + (gx, gt, gw, gb)
-        if ctx.consumed:
-            raise RuntimeError(
-                "fastkd feature KD loss: backward ran twice through the same graph. The fused "
-                "kernels compute the gradient once in the forward pass and scale it in place, so "
-                "retain_graph=True with a second backward is not supported; recompute the loss.")
-        ctx.consumed = True
-        gx, gt, gw, gb = ctx.saved_tensors
-        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-            scale = None  # the common case: loss.backward() on the reduced loss
-        else:
-            scale = grad_output.reshape(()).to(torch.float32)
-        out = []
-        for g in (gx, gt, gw, gb):
-            if g is not None and scale is not None:
-                g.mul_(scale)  # in place: no second N x C buffer
-            out.append(g)
-        w_dtype, b_dtype = ctx.param_dtypes
-        gx, gt, gw, gb = out
-        gw = None if gw is None else gw.to(w_dtype)
-        gb = None if gb is None else gb.to(b_dtype)
-        return (None,) * 6 + (gx, gt, gw, gb)
+
+@feature_kd_op.register_fake
+def _feature_kd_fake(student, teacher, weight, bias, loss, channel_dim, reduction, chunk_size,
+                     need_grad_student, need_grad_teacher, need_grad_weight, need_grad_bias,
+                     gemm_dtype, backend):
+    if reduction == "none":
+        out = student.new_empty(_lead_shape(student, channel_dim), dtype=torch.float32)
+        return (out, *_fake_grads(student, teacher, weight, bias, False, False, False, False))
+    return (student.new_empty((), dtype=torch.float32),
+            *_fake_grads(student, teacher, weight, bias, need_grad_student, need_grad_teacher,
+                         need_grad_weight, need_grad_bias))
+
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::feature_kd_backward", mutates_args=(),
+                         schema=FEATURE_KD_BACKWARD_SCHEMA)
+def feature_kd_backward_op(grad_loss, student, teacher, weight, bias, loss, channel_dim,
+                           chunk_size, need_grad_student, need_grad_teacher, need_grad_weight,
+                           need_grad_bias, gemm_dtype, backend):
+    """``fastkd::feature_kd_backward``: the gradients of ``reduction="none"`` for the per-row
+    ``grad_loss`` (leading shape), recomputed by the fused pass with per-row weights. Returns
+    ``(grad_student, grad_teacher, grad_weight, grad_bias)`` as :func:`feature_kd_op` does."""
+    if gemm_dtype is not None and weight is not None:
+        weight = weight.to(gemm_dtype)
+    with _ops.kernel_context(student.device):
+        layout = _Layout(student, teacher, channel_dim, backend)
+        dt = layout.t3.shape[1]
+        row_scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
+        scale = 1.0 / dt if loss == "mse" else 1.0
+        needs = (need_grad_student, need_grad_teacher, need_grad_weight, need_grad_bias)
+        _, gx, gw, gb, gt = _run(backend, layout, weight, bias, LOSS_IDS[loss], scale, row_scale,
+                                 False, tuple(bool(n) for n in needs), chunk_size)
+    return _op_grads(layout, student, teacher, gx, gt, gw, gb)
+
+
+@feature_kd_backward_op.register_fake
+def _feature_kd_backward_fake(grad_loss, student, teacher, weight, bias, loss, channel_dim,
+                              chunk_size, need_grad_student, need_grad_teacher, need_grad_weight,
+                              need_grad_bias, gemm_dtype, backend):
+    return _fake_grads(student, teacher, weight, bias, need_grad_student, need_grad_teacher,
+                       need_grad_weight, need_grad_bias)
+
+
+def _feature_kd_setup(ctx, inputs, output):
+    (student, teacher, weight, bias, loss, cd, reduction, chunk, need_x, need_t, need_w, need_b,
+     gemm_dtype, backend) = inputs
+    needs = (need_x, need_t, need_w, need_b)
+    ctx.needs = needs
+    ctx.reduction = reduction
+    ctx.param_dtypes = (None if weight is None else weight.dtype,
+                        None if bias is None else bias.dtype)
+    if reduction != "none":
+        _ops.save_gradients(ctx, output[1:], needs)
+        return
+    # "none": the gradients depend on the per-row grad_output; backward recomputes them.
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.args = (loss, cd, chunk, need_x, need_t, need_w, need_b, gemm_dtype, backend)
+    if any(needs):
+        ctx.save_for_backward(student, teacher, weight, bias)
+
+
+def _feature_kd_backward(ctx, grad_loss, *_grads):
+    if grad_loss is None:
+        return (None,) * 14
+    if ctx.reduction == "none":
+        student, teacher, weight, bias = ctx.saved_tensors
+        grads = feature_kd_backward_op(grad_loss, student, teacher, weight, bias, *ctx.args)
+        grads = [g if n else None for g, n in zip(grads, ctx.needs)]
+    else:
+        grads = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "feature KD loss")
+    gx, gt, gw, gb = grads
+    w_dtype, b_dtype = ctx.param_dtypes
+    gw = None if gw is None else gw.to(w_dtype)
+    gb = None if gb is None else gb.to(b_dtype)
+    return (gx, gt, gw, gb) + (None,) * 10
+
+
+feature_kd_op.register_autograd(_feature_kd_backward, setup_context=_feature_kd_setup)
 
 
 def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss="mse",
@@ -259,6 +363,16 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
     contiguous positions; chunk-sized) so that each GEMM is one call per chunk; maps with fewer
     than 32 positions per image are instead transposed to an ``[N, C]`` copy by the cpu/cuda
     backends (the Triton kernels read any strides). Backward may run once per forward for ``"mean"``/``"sum"``.
+
+    torch.compile: the fused pass is one custom op (no graph break with ``fullgraph=True``).
+    Autocast: the loss opts out; the inputs are taken in their own dtypes (features made by
+    autocast layers stay bf16/fp16, the adapter stays float32), the loss and the ``grad_W`` /
+    ``grad_b`` accumulators are float32, and each gradient has its input's dtype. The one effect
+    of an enabled CUDA autocast region: when ``student_feat`` already has the autocast dtype, the
+    cuda and triton backends run the adapter GEMMs in that dtype (the weight cast per call, as
+    ``nn.Linear`` would be; tensor cores, float32 accumulation) instead of float32;
+    ``grad_W``/``grad_b`` are still returned in float32, not rounded. The cpu backend (float32
+    GEMMs) and the reference compute exactly as outside autocast.
     """
     loss = _checks.check_choice("loss", loss, LOSSES)
     reduction = _checks.check_reduction(reduction)
@@ -278,7 +392,9 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
                                f"use backend='reference' for float64")
         name = "reference"
     if name == "reference":
-        return feature_kd_reference(student_feat, teacher_feat, weight, bias, loss=loss,
-                                    channel_dim=cd, reduction=reduction)
-    return _FusedFeatureKD.apply(name, loss, reduction, cd, chunk, torch.is_grad_enabled(),
-                                 student_feat, teacher_feat, weight, bias)
+        with _ops.no_autocast(device):
+            return feature_kd_reference(student_feat, teacher_feat, weight, bias, loss=loss,
+                                        channel_dim=cd, reduction=reduction)
+    needs = [_ops.needs_grad(t) for t in (student_feat, teacher_feat, weight, bias)]
+    return feature_kd_op(student_feat, teacher_feat, weight, bias, loss, cd, reduction, chunk,
+                         *needs, autocast_gemm_dtype(student_feat, weight, name), name)[0]

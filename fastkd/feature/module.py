@@ -35,6 +35,12 @@ class FeatureKDLoss(torch.nn.Module):
     and backward. See :func:`fastkd.functional.feature_kd_loss` for precision (TF32 /
     bf16 tensor cores on GPU), the ``"none"`` recompute, and memory.
 
+    ``torch.compile(fullgraph=True)`` traces the module without a graph break (the fused pass is
+    one custom op). Under ``torch.autocast`` the adapter parameters stay float32 and receive
+    float32 gradients; the loss is float32 and is computed as outside autocast, except that on
+    CUDA with student features already in the autocast dtype the adapter GEMMs run in that dtype
+    (as ``nn.Linear`` would; see :func:`fastkd.functional.feature_kd_loss`).
+
     Args:
         student_dim (int): :math:`D_s`, channels of the student features.
         teacher_dim (int): :math:`D_t`, channels of the teacher features.

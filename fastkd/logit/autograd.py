@@ -1,7 +1,11 @@
-"""Logit KD: argument checks, backend dispatch and the autograd function over the fused kernels.
+"""Logit KD: argument checks, backend dispatch and the custom op over the fused kernels.
 
 Every fused backend (cuda, cpu, triton) runs one launch that writes the per-row loss *and* the
-gradients (SPEC §1); backward only scales the saved gradients by ``grad_output``.
+gradients (SPEC §1); backward only scales the saved gradients by ``grad_output``. The kernels run
+behind the ``torch.library`` custom op ``fastkd::logit_kd`` (:func:`logit_kd_op`; the pattern is
+described in :mod:`fastkd._ops`), so ``torch.compile(fullgraph=True)`` traces :func:`kd_loss`
+without a graph break. Under ``torch.autocast`` the inputs are taken in their own dtypes and the
+math stays float32 (autocast is off inside the op and around the reference).
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 MAX_TEACHERS = 8
 FLAG_TARGET, FLAG_STUDENT_MASKED, FLAG_TEACHER_MASKED = 1, 2, 4
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Accepted temperatures: 1/T and T**2 stay finite float32 numbers (README "Guarantees": the
+#: accuracy of SPEC §1 is tested for T in [0.05, 100] and holds to about T = 1e3).
+TEMPERATURE_RANGE = (1e-30, 1e18)
 
 
 class LogitKDConfig:
@@ -27,6 +34,12 @@ class LogitKDConfig:
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                  reduction="mean"):
         self.temperature = _checks.check_finite_number("temperature", temperature, positive=True)
+        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
+            # The kernels use 1/T and T**2 in float32: outside this range one of them overflows
+            # (NaN losses, or an OverflowError for T**2 in Python).
+            raise ValueError(f"temperature must be in [{TEMPERATURE_RANGE[0]:g}, "
+                             f"{TEMPERATURE_RANGE[1]:g}] (1/T and T**2 are float32 in the "
+                             f"kernels), got {self.temperature}")
         self.soft_weight = _checks.check_finite_number("soft_weight", soft_weight, nonnegative=True)
         self.hard_weight = _checks.check_finite_number("hard_weight", hard_weight, nonnegative=True)
         self.divergence = _checks.check_choice("divergence", divergence, DIVERGENCES)
@@ -38,6 +51,8 @@ class LogitKDConfig:
         self.t2_scale = t2_scale
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if not -2**63 <= ignore_index < 2**63:
+            raise ValueError(f"ignore_index must fit in int64 (the target dtype), got {ignore_index}")
         self.ignore_index = ignore_index
         self.label_smoothing = _checks.check_finite_number("label_smoothing", label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -105,6 +120,13 @@ def validate_inputs(student_logits, teacher_logits, target):
     dev_kwargs = {"student_logits": student_logits, "target": target}
     dev_kwargs.update(dict(zip(names, teachers)))
     _checks.check_same_device(**dev_kwargs)
+    if len({t.dtype for t in teachers}) > 1:
+        # The kernels take one teacher dtype. Teachers of different dtypes (e.g. bf16 and fp16)
+        # are promoted to one that holds all of them exactly (float32; float64 if present),
+        # never rounded to a narrower one. Autograd casts their gradients back.
+        common = torch.float64 if any(t.dtype == torch.float64 for t in teachers) \
+            else torch.float32
+        teachers = [t.to(common) for t in teachers]
     return student_logits, teachers, target
 
 
@@ -180,7 +202,8 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd", mutates_args=(), schema=LOGIT_KD_SCHEMA)
+@torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd", mutates_args=(), schema=LOGIT_KD_SCHEMA,
+                         **_ops.host_sync_tags())
 def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                 divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
                 need_grad_student, need_grad_teachers, backend):

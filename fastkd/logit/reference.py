@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from fastkd import _ops
+
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 
 
@@ -60,6 +62,38 @@ def hard_ce_rows(student, target, label_smoothing: float):
     return (1.0 - label_smoothing) * nll + label_smoothing * smooth
 
 
+@torch.library.custom_op("fastkd::logit_checked_rows", mutates_args=(),
+                         schema="(Tensor student, Tensor[] teachers, Tensor? target, "
+                                "int ignore_index) -> Tensor", **_ops.host_sync_tags())
+def checked_rows(student, teachers, target, ignore_index):
+    """The rows that count (``target != ignore_index``; all rows without target), ``[N]`` bool,
+    after the data-dependent checks of SPEC §Errors: ``ValueError`` for a counted target outside
+    ``[0, V)`` or a counted row that is -inf everywhere (student or a teacher). A custom op
+    (``fastkd::logit_checked_rows``, no autograd: pass detached tensors) so that the reference
+    compiles with ``torch.compile(fullgraph=True)``; its output feeds the loss, so it is never
+    dropped from a graph."""
+    n, vocab = student.shape
+    if target is not None:
+        valid = target != ignore_index
+        bad = valid & ((target < 0) | (target >= vocab))
+        if bool(bad.any()):
+            raise ValueError(f"target has values outside [0, {vocab}) other than "
+                             f"ignore_index={ignore_index}, e.g. {int(target[bad][0])}")
+    else:
+        valid = torch.ones(n, dtype=torch.bool, device=student.device)
+    for name, x in [("student_logits", student)] + [
+            (f"teacher_logits[{i}]" if len(teachers) > 1 else "teacher_logits", t)
+            for i, t in enumerate(teachers)]:
+        if bool(((x == -math.inf).all(-1) & valid).any()):
+            raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")
+    return valid
+
+
+@checked_rows.register_fake
+def _checked_rows_fake(student, teachers, target, ignore_index):
+    return student.new_empty(student.shape[:1], dtype=torch.bool)
+
+
 def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_weight, hard_weight,
                       divergence, beta, t2_scale, ignore_index, label_smoothing):
     """Per-row KD loss, ``[N]``, for 2-D ``student`` ``[N, V]``, a list of 2-D ``teachers``.
@@ -70,24 +104,14 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
     """
     dtype = torch.float64 if any(x.dtype == torch.float64 for x in [student, *teachers]) \
         else torch.float32
-    n, vocab = student.shape
-    if target is not None:
-        valid = target != ignore_index
-        bad = valid & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"target has values outside [0, {vocab}) other than "
-                             f"ignore_index={ignore_index}, e.g. {int(target[bad][0])}")
-    else:
-        valid = torch.ones(n, dtype=torch.bool, device=student.device)
+    # The data-dependent checks run inside an opaque op (no graph break under torch.compile).
+    valid = checked_rows(student.detach(), [t.detach() for t in teachers],
+                         None if target is None else target.detach(), ignore_index)
     keep = valid.unsqueeze(-1)
     # Ignored rows are replaced by zeros so that garbage in padding rows cannot leak NaN.
     s = torch.where(keep, student.to(dtype), torch.zeros((), dtype=dtype, device=student.device))
     ts = [torch.where(keep, t.to(dtype), torch.zeros((), dtype=dtype, device=t.device))
           for t in teachers]
-    for name, x in [("student_logits", s)] + [(f"teacher_logits[{i}]" if len(ts) > 1
-                                                else "teacher_logits", t) for i, t in enumerate(ts)]:
-        if bool((x == -math.inf).all(-1).any()):
-            raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")
 
     logq = torch.log_softmax(s / temperature, dim=-1)
     logps = [torch.log_softmax(t / temperature, dim=-1) for t in ts]

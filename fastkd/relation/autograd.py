@@ -1,17 +1,20 @@
-"""Relation KD (SPEC §3): argument checks, backend dispatch, the autograd function over the blocked
+"""Relation KD (SPEC §3): argument checks, backend dispatch, the custom ops over the blocked
 kernels, and the functional forms :func:`sp_loss`, :func:`rkd_loss`, :func:`pkt_loss`.
 
 Every fused backend (cuda, cpu, triton) runs the two sweeps of the blocked computation in the
 forward pass (row statistics, then loss + feature gradients; see ``csrc/glue/relation.h``) and
-computes in float32; backward only scales the saved gradients by ``grad_output``.
+computes in float32; backward only scales the saved gradients by ``grad_output`` (out of place,
+so a retained graph may be walked twice). The kernels run behind the ``torch.library`` custom ops
+``fastkd::relation_sp``, ``fastkd::relation_rkd`` and ``fastkd::relation_pkt`` (the pattern is
+described in :mod:`fastkd._ops`): ``torch.compile(fullgraph=True)`` traces the losses without a
+graph break. Under ``torch.autocast`` the features are taken in their own dtypes and the math
+stays float32 (autocast is off inside the ops and around the reference).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastkd import _backend, _checks, _ext
+from fastkd import _backend, _checks, _ext, _ops
 from fastkd.relation import reference as _ref
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -72,44 +75,22 @@ def select_backend(backend, student: torch.Tensor, teacher: torch.Tensor) -> str
     return name
 
 
-class _BlockedRelation(torch.autograd.Function):
-    """Forward runs the blocked kernels (loss + feature gradients); backward scales the gradients."""
-
-    @staticmethod
-    def forward(ctx, kernel, student, teacher):
-        need_s, need_t = bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])
-        loss, grad_s, grad_t = kernel(student, teacher, need_s, need_t)
-        ctx.save_for_backward(grad_s, grad_t)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_s, grad_t = ctx.saved_tensors
-        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-            return None, grad_s, grad_t  # the common case: loss.backward() on this loss
-        scale = grad_output.float()
-        return (None,
-                None if grad_s is None else (grad_s.float() * scale).to(grad_s.dtype),
-                None if grad_t is None else (grad_t.float() * scale).to(grad_t.dtype))
-
-
 # ------------------------------------------------------------------------------- kernel adapters
 def _tile_elems() -> int:
     return 0 if TILE_ELEMS is None else int(TILE_ELEMS)
 
 
-def _ext_sp(student, teacher, need_s, need_t, *, scale):
-    return _ext._C.relation_sp_forward(student, teacher, scale, need_s, need_t, _tile_elems())
+def _ext_sp(student, teacher, need_s, need_t, *, scale, tile_elems):
+    return _ext._C.relation_sp_forward(student, teacher, scale, need_s, need_t, tile_elems)
 
 
-def _ext_rkd(student, teacher, need_s, need_t, *, distance_scale, angle_scale):
+def _ext_rkd(student, teacher, need_s, need_t, *, distance_scale, angle_scale, tile_elems):
     return _ext._C.relation_rkd_forward(student, teacher, distance_scale, angle_scale, need_s,
-                                        need_t, _tile_elems())
+                                        need_t, tile_elems)
 
 
-def _ext_pkt(student, teacher, need_s, need_t, *, eps, scale):
-    return _ext._C.relation_pkt_forward(student, teacher, eps, scale, need_s, need_t,
-                                        _tile_elems())
+def _ext_pkt(student, teacher, need_s, need_t, *, eps, scale, tile_elems):
+    return _ext._C.relation_pkt_forward(student, teacher, eps, scale, need_s, need_t, tile_elems)
 
 
 def _triton(name):
@@ -126,9 +107,116 @@ _KERNELS = {
 }
 
 
-def _run(family, backend_name, s2, t2, **kwargs):
-    kernel = functools.partial(_KERNELS[family][backend_name], **kwargs)
-    return _BlockedRelation.apply(kernel, s2, t2)
+# ------------------------------------------------------------------- torch.library custom ops
+# One op per loss (the pattern is described in fastkd/_ops.py): [B, d] features in, the float32
+# loss and the feature gradients (computed in forward; [0] placeholders where not asked for) out.
+_RELATION_OUT = ("str reduction, bool need_grad_student, bool need_grad_teacher, int tile_elems, "
+                 "str backend) -> (Tensor, Tensor, Tensor)")
+RELATION_SCHEMAS = {
+    "sp": "(Tensor student, Tensor teacher, " + _RELATION_OUT,
+    "rkd": "(Tensor student, Tensor teacher, float distance_weight, float angle_weight, "
+           + _RELATION_OUT,
+    "pkt": "(Tensor student, Tensor teacher, float eps, " + _RELATION_OUT,
+}
+
+
+def _relation_call(family, student, teacher, params, reduction, need_s, need_t, tile_elems,
+                   backend):
+    """Run the kernel of ``family`` with the loss scales of ``reduction``."""
+    b = float(student.shape[0])
+    mean = reduction == "mean"
+    if family == "sp":
+        kwargs = dict(scale=1.0 / (b * b) if mean else 1.0)
+    elif family == "rkd":
+        distance_weight, angle_weight = params
+        kwargs = dict(distance_scale=distance_weight / (b * b) if mean else distance_weight,
+                      angle_scale=angle_weight / (b * b * b) if mean else angle_weight)
+    else:
+        kwargs = dict(eps=params[0], scale=1.0 / (b * b) if mean else 1.0)
+    kernel = _KERNELS[family][backend]
+    if backend != "triton":
+        kwargs["tile_elems"] = tile_elems
+    with _ops.kernel_context(student.device):
+        loss, grad_s, grad_t = kernel(student, teacher, bool(need_s), bool(need_t), **kwargs)
+    return (loss.reshape(()).to(torch.float32),
+            _ops.placeholder(student) if grad_s is None else grad_s.contiguous(),
+            _ops.placeholder(teacher) if grad_t is None else grad_t.contiguous())
+
+
+def _relation_fake(student, teacher, need_s, need_t):
+    return (student.new_empty((), dtype=torch.float32),
+            student.new_empty(student.shape) if need_s else _ops.placeholder(student),
+            teacher.new_empty(teacher.shape) if need_t else _ops.placeholder(teacher))
+
+
+def _relation_setup(ctx, inputs, output):
+    *_, need_s, need_t, _tile, _backend_name = inputs
+    ctx.num_inputs = len(inputs)
+    _ops.save_gradients(ctx, output[1:], (need_s, need_t))
+
+
+def _relation_backward(ctx, grad_loss, *_grads):
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
+    # [B, d] gradients: scaled out of place, so a retained graph may be walked again.
+    grad_s, grad_t = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "relation KD loss",
+                                      in_place=False)
+    return (grad_s, grad_t) + (None,) * (ctx.num_inputs - 2)
+
+
+def _relation_op(name, schema):
+    return torch.library.custom_op(f"{_ops.NAMESPACE}::{name}", mutates_args=(), schema=schema)
+
+
+@_relation_op("relation_sp", RELATION_SCHEMAS["sp"])
+def sp_op(student, teacher, reduction, need_grad_student, need_grad_teacher, tile_elems,
+          backend):
+    """``fastkd::relation_sp``: blocked SP loss and its feature gradients (``backend``: cpu,
+    cuda, triton; ``tile_elems`` 0 = the backend default)."""
+    return _relation_call("sp", student, teacher, (), reduction, need_grad_student,
+                          need_grad_teacher, tile_elems, backend)
+
+
+@_relation_op("relation_rkd", RELATION_SCHEMAS["rkd"])
+def rkd_op(student, teacher, distance_weight, angle_weight, reduction, need_grad_student,
+           need_grad_teacher, tile_elems, backend):
+    """``fastkd::relation_rkd``: blocked RKD loss (distance + angle) and its feature gradients."""
+    return _relation_call("rkd", student, teacher, (distance_weight, angle_weight), reduction,
+                          need_grad_student, need_grad_teacher, tile_elems, backend)
+
+
+@_relation_op("relation_pkt", RELATION_SCHEMAS["pkt"])
+def pkt_op(student, teacher, eps, reduction, need_grad_student, need_grad_teacher, tile_elems,
+           backend):
+    """``fastkd::relation_pkt``: blocked PKT loss and its feature gradients."""
+    return _relation_call("pkt", student, teacher, (eps,), reduction, need_grad_student,
+                          need_grad_teacher, tile_elems, backend)
+
+
+@sp_op.register_fake
+def _sp_fake(student, teacher, reduction, need_s, need_t, tile_elems, backend):
+    return _relation_fake(student, teacher, need_s, need_t)
+
+
+@rkd_op.register_fake
+def _rkd_fake(student, teacher, distance_weight, angle_weight, reduction, need_s, need_t,
+              tile_elems, backend):
+    return _relation_fake(student, teacher, need_s, need_t)
+
+
+@pkt_op.register_fake
+def _pkt_fake(student, teacher, eps, reduction, need_s, need_t, tile_elems, backend):
+    return _relation_fake(student, teacher, need_s, need_t)
+
+
+for _op in (sp_op, rkd_op, pkt_op):
+    _op.register_autograd(_relation_backward, setup_context=_relation_setup)
+del _op
+
+
+def _run(op, s2, t2, *params, reduction, backend):
+    return op(s2, t2, *params, reduction, _ops.needs_grad(s2), _ops.needs_grad(t2),
+              _tile_elems(), backend)[0]
 
 
 # ------------------------------------------------------------------------------ functional forms
@@ -148,10 +236,9 @@ def sp_loss(student_features, teacher_features, *, reduction="mean", backend="au
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        return _ref.sp_loss_reference(s2, t2, reduction)
-    b = s2.shape[0]
-    scale = 1.0 / (b * b) if reduction == "mean" else 1.0
-    return _run("sp", name, s2, t2, scale=scale)
+        with _ops.no_autocast(s2.device):
+            return _ref.sp_loss_reference(s2, t2, reduction)
+    return _run(sp_op, s2, t2, reduction=reduction, backend=name)
 
 
 def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_weight=2.0,
@@ -172,12 +259,9 @@ def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_w
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        return _ref.rkd_loss_reference(s2, t2, distance_weight, angle_weight, reduction)
-    b = float(s2.shape[0])
-    mean = reduction == "mean"
-    return _run("rkd", name, s2, t2,
-                distance_scale=distance_weight / (b * b) if mean else distance_weight,
-                angle_scale=angle_weight / (b * b * b) if mean else angle_weight)
+        with _ops.no_autocast(s2.device):
+            return _ref.rkd_loss_reference(s2, t2, distance_weight, angle_weight, reduction)
+    return _run(rkd_op, s2, t2, distance_weight, angle_weight, reduction=reduction, backend=name)
 
 
 def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", backend="auto"):
@@ -194,7 +278,6 @@ def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", 
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        return _ref.pkt_loss_reference(s2, t2, eps, reduction)
-    b = s2.shape[0]
-    return _run("pkt", name, s2, t2, eps=eps,
-                scale=1.0 / (b * b) if reduction == "mean" else 1.0)
+        with _ops.no_autocast(s2.device):
+            return _ref.pkt_loss_reference(s2, t2, eps, reduction)
+    return _run(pkt_op, s2, t2, eps, reduction=reduction, backend=name)
