@@ -40,6 +40,18 @@ def load_digits_split(test_size: float = TEST_SIZE, split_seed: int = SPLIT_SEED
     return as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te)
 
 
+def labelled_subset(y: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``per_class`` training images of every class (fixed; 0 means all of them)."""
+    if per_class <= 0:
+        return torch.arange(len(y))
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in range(int(y.max()) + 1):
+        idx = torch.nonzero(y == c).flatten()
+        parts.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(parts)
+
+
 class MLP(nn.Module):
     """``64 -> hidden[0] -> ... -> 10`` with ReLU. ``forward`` returns ``(logits, last_hidden)``:
     the last hidden layer (after its ReLU) is the hint / embedding used by feature and relation KD.

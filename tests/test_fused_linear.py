@@ -326,3 +326,76 @@ def test_topk_nan_masks_and_ignored_rows(backend, device):
     ref = kd_loss(s.double()[finite], None, y[finite], teacher_topk=(idx[finite],
                   lp[finite].double()), hard_weight=0.5, reduction="none", backend="reference")
     assert_close_loss(out[finite], ref, torch.float32)
+
+
+def _opcheck_args(reduction, kind):
+    from fastkd.logit.fused_linear import _CFG_KEYS
+    g = torch.Generator().manual_seed(9)
+    hs = torch.randn(6, 5, generator=g, requires_grad=True)
+    ws = torch.randn(11, 5, generator=g, requires_grad=True)
+    bs = torch.randn(11, generator=g, requires_grad=True)
+    ht, wt = torch.randn(6, 4, generator=g), torch.randn(11, 4, generator=g)
+    tl = torch.randn(6, 11, generator=g)
+    y = torch.tensor([1, 2, -100, 4, 10, 0])
+    lp, idx = torch.log_softmax(torch.randn(6, 11, generator=g), -1).topk(3)
+    cfg = fastkd.logit.autograd.LogitKDConfig(temperature=2.0, hard_weight=0.5,
+                                              divergence="jsd", reduction=reduction)
+    teacher = {"linear": (ht, wt, None, None, None, None),
+               "logits": (None, None, None, tl, None, None),
+               "topk": (None, None, None, None, idx, lp)}[kind]
+    ht_, wt_, bt_, tl_, idx_, lp_ = teacher
+    need = [True, True, True, False, False, False, False]
+    return (hs, ws, bs, ht_, wt_, bt_, tl_, y, idx_, lp_,
+            *[getattr(cfg, k) for k in _CFG_KEYS], 4, 11, kind, need, "cpu")
+
+
+@pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("kind", ["linear", "logits", "topk"])
+def test_opcheck(reduction, kind):
+    from fastkd.logit.fused_linear import fused_linear_kd_op
+    torch.library.opcheck(fused_linear_kd_op, _opcheck_args(reduction, kind))
+
+
+def test_opcheck_topk_kd():
+    from fastkd.logit.topk import _CFG_KEYS, logit_kd_topk_op
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(5, 13, generator=g, requires_grad=True)
+    lp, idx = torch.log_softmax(torch.randn(5, 13, generator=g), -1).topk(4)
+    y = torch.tensor([0, -100, 3, 12, 5])
+    for reduction in ("mean", "none"):
+        cfg = fastkd.logit.autograd.LogitKDConfig(temperature=1.5, hard_weight=0.3,
+                                                  divergence="reverse_kl", reduction=reduction)
+        torch.library.opcheck(logit_kd_topk_op, (s, idx, lp, y,
+                                                 *[getattr(cfg, k) for k in _CFG_KEYS], True))
+
+
+@pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")
+def test_compile_fullgraph_student_lm_head():
+    """A student (Linear + GELU) and its lm_head, FusedLinearKDLoss (linear teacher) and a top-k
+    KDLoss term under torch.compile(fullgraph=True, inductor), then backward through the
+    compiled graph: no graph break, same loss and gradients as eager."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU())
+    head = torch.nn.Linear(16, 50, bias=False)
+    ht, wt = torch.randn(9, 20), torch.randn(50, 20) / 4
+    y = torch.randint(0, 50, (9,))
+    lp, idx = torch.log_softmax(torch.randn(9, 50), -1).topk(5)
+    fl = fastkd.FusedLinearKDLoss(temperature=2.0, hard_weight=0.5, chunk_size=4)
+    kd = fastkd.KDLoss(temperature=2.0)
+
+    def forward(x):
+        h = body(x)
+        return fl(h, head.weight, ht, wt, y) + kd(head(h), teacher_topk=(idx, lp))
+
+    x = torch.randn(9, 12)
+    eager = forward(x)
+    eager.backward()
+    ref = [p.grad.clone() for p in [*body.parameters(), head.weight]]
+    for p in [*body.parameters(), head.weight]:
+        p.grad = None
+    got = torch.compile(forward, fullgraph=True)(x)  # forward + backward graphs (AOTAutograd)
+    got.backward()
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-6)
+    for p, r in zip([*body.parameters(), head.weight], ref):
+        assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-6)

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from fastkd import _backend, _checks
+from fastkd import _backend, _checks, _ops
 from fastkd import distributed as _distributed
 from fastkd._reduce import count_rows, reduce_rows
 from fastkd.logit import autograd as _logit
@@ -202,6 +202,118 @@ class _FusedLinearKD(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+# --- torch.library custom ops (the pattern of fastkd/_ops.py) for the single-process path.
+_CFG_SCHEMA = ("float temperature, float soft_weight, float hard_weight, str divergence, "
+               "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
+               "str reduction")
+_INPUTS_SCHEMA = ("Tensor hs, Tensor ws, Tensor? bs, Tensor? ht, Tensor? wt, Tensor? bt, "
+                  "Tensor? tl, Tensor? target, Tensor? idx, Tensor? lp")
+_PLAN_SCHEMA = "int chunk, int vocab, str kind, bool[] need, str backend"
+_GRADS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+FUSED_LINEAR_SCHEMA = (f"({_INPUTS_SCHEMA}, {_CFG_SCHEMA}, {_PLAN_SCHEMA}) -> "
+                       f"(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+FUSED_LINEAR_BWD_SCHEMA = (f"(Tensor grad_rows, {_INPUTS_SCHEMA}, {_CFG_SCHEMA}, "
+                           f"{_PLAN_SCHEMA}) -> {_GRADS}")
+_CFG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
+             "ignore_index", "label_smoothing", "reduction")
+
+
+def _plan_from(cfg_args, chunk, vocab, kind, backend):
+    cfg = _logit.LogitKDConfig(**dict(zip(_CFG_KEYS, cfg_args)))
+    return _Plan(cfg, _logit.KERNELS[backend], chunk, vocab, kind, None)
+
+
+def _grad_outputs(grads, inputs):
+    """Gradients (None -> ``[0]`` placeholder), contiguous as the fake impl declares them."""
+    return tuple(_ops.placeholder(x if x is not None else inputs[0]) if g is None
+                 else g.contiguous() for g, x in zip(grads, inputs))
+
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::fused_linear_kd", mutates_args=(),
+                         schema=FUSED_LINEAR_SCHEMA, **_ops.host_sync_tags())
+def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
+    """``fastkd::fused_linear_kd``: the chunked lm_head GEMMs + fused KD kernel of ``backend``.
+
+    Returns ``(loss, grad_hs, grad_ws, grad_bs, grad_ht, grad_wt, grad_bt, grad_tl)``: the
+    float32 loss (scalar, or ``[N]`` with ``"none"``) and, for ``"mean"``/``"sum"``, the
+    gradients asked for by ``need`` (others, and all with ``"none"``, are ``[0]``
+    placeholders: ``"none"`` computes them in ``fastkd::fused_linear_kd_backward``)."""
+    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:]
+    plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
+    inputs = (hs, ws, bs, ht, wt, bt, tl)
+    if kind == "topk":
+        _topk.check_topk_data(idx, lp, vocab)
+    with _ops.kernel_context(hs.device):
+        count = count_rows(target, plan.cfg.ignore_index, hs.shape[0], hs.device)
+        deferred = plan.cfg.reduction == "none"
+        grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
+        rows, flags, grads = _run_chunks(plan, target, hs, ws, bs, ht, wt, bt, tl, idx, lp,
+                                         [False] * 7 if deferred else list(need), grad_scale,
+                                         None)
+        bits = int(flags.item())
+        if bits:
+            _logit.raise_flags(bits, plan.cfg.ignore_index, vocab, False)
+        loss = reduce_rows(rows, plan.cfg.reduction, rows.shape, count)
+    return (loss,) + _grad_outputs(grads, inputs)
+
+
+@fused_linear_kd_op.register_fake
+def _fused_linear_fake(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
+    reduction, need = rest[8], rest[12]
+    loss = hs.new_empty((hs.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    inputs = (hs, ws, bs, ht, wt, bt, tl)
+    return (loss,) + tuple(x.new_empty(x.shape) if (n and reduction != "none" and x is not None)
+                           else _ops.placeholder(x if x is not None else hs)
+                           for x, n in zip(inputs, need))
+
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::fused_linear_kd_backward", mutates_args=(),
+                         schema=FUSED_LINEAR_BWD_SCHEMA)
+def fused_linear_kd_backward_op(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
+    """``reduction="none"``: the chunks recomputed with the per-row incoming gradients."""
+    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:]
+    plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
+    with _ops.kernel_context(hs.device):
+        _, _, grads = _run_chunks(plan, target, hs, ws, bs, ht, wt, bt, tl, idx, lp, list(need),
+                                  None, grad_rows.reshape(-1).float())
+    return _grad_outputs(grads, (hs, ws, bs, ht, wt, bt, tl))
+
+
+@fused_linear_kd_backward_op.register_fake
+def _fused_linear_bwd_fake(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
+    need = rest[12]
+    return tuple(x.new_empty(x.shape) if (n and x is not None)
+                 else _ops.placeholder(x if x is not None else hs)
+                 for x, n in zip((hs, ws, bs, ht, wt, bt, tl), need))
+
+
+def _fused_linear_setup(ctx, inputs, output):
+    rest = inputs[10:]
+    ctx.reduction, ctx.need = rest[8], list(rest[12])
+    ctx.rest = rest
+    if ctx.reduction == "none":
+        ctx.save_for_backward(*inputs[:10])
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+    else:
+        _ops.save_gradients(ctx, list(output[1:]), ctx.need)
+
+
+def _fused_linear_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        grads = [None] * 7
+    elif ctx.reduction == "none":
+        saved = ctx.saved_tensors
+        out = fused_linear_kd_backward_op(grad_loss, *saved, *ctx.rest)
+        grads = [g if n else None for g, n in zip(out, ctx.need)]
+    else:
+        grads = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "FusedLinearKDLoss")
+    return tuple(grads) + (None,) * (3 + 9 + 5)
+
+
+fused_linear_kd_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+
+
 def _check_2d_pair(hidden_name, hidden, weight_name, weight, bias_name, bias):
     _checks.check_float_tensor(hidden_name, hidden)
     _checks.check_float_tensor(weight_name, weight)
@@ -300,7 +412,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
     idx = lp = None
     if kind == "topk":
-        idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device))
+        idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device),
+                                      check_data=False)  # in the op (or the reference path)
     parallel = _distributed.is_parallel(process_group)
     if parallel and (kind == "topk" or vocab_s != vocab_t):
         raise ValueError("with a process_group (vocabulary-parallel lm_head), the teacher must "
@@ -315,6 +428,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                                f"use backend='reference' for float64")
         name = "reference"
     if name == "reference" and not parallel:
+        if kind == "topk":
+            _topk.check_topk_data(idx, lp, vocab)
         return _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
     if hs.shape[0] == 0 and not parallel:
         zero = 0.0 * (hs.sum() + ws.sum())  # keeps the graph: zero gradients, not None
@@ -330,9 +445,15 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                                    process_group=process_group)
     else:
         kernel = _logit.KERNELS[name]
-    plan = _Plan(cfg, kernel, chunk, vocab, kind, lead)
     hs, ht = hs.contiguous(), None if ht is None else ht.contiguous()
-    return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+    if parallel:  # a ProcessGroup is no custom-op argument: an autograd.Function (eager only)
+        plan = _Plan(cfg, kernel, chunk, vocab, kind, lead)
+        return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+    need = [_ops.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
+    out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp,
+                             *[getattr(cfg, k) for k in _CFG_KEYS], chunk, vocab, kind, need,
+                             name)
+    return out[0].reshape(lead) if cfg.reduction == "none" else out[0]
 
 
 class _ShapeOnly:

@@ -18,20 +18,19 @@ import math
 
 import torch
 
-from fastkd import _checks
+from fastkd import _checks, _ops
 from fastkd._reduce import count_rows, reduce_rows
-from fastkd.logit.reference import divergence_rows, kd_rows_topk_reference
+from fastkd.logit.reference import _log_mix, divergence_rows, kd_rows_topk_reference
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def validate_topk(teacher_topk, student_logits):
+def validate_topk(teacher_topk, student_logits, check_data=True):
     """Check ``teacher_topk = (indices, logprobs)`` against ``student_logits`` ``[*, V]``.
 
-    Returns ``(indices [N, k] int64, logprobs [N, k])``. Device-data checks (index range,
-    duplicate indices, probabilities summing to more than 1) cost one host synchronisation.
-    """
+    Returns ``(indices [N, k] int64, logprobs [N, k])``. The device-data checks
+    (:func:`check_topk_data`) run here with ``check_data``, else inside the custom op."""
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors")
     indices, logprobs = teacher_topk
@@ -54,6 +53,15 @@ def validate_topk(teacher_topk, student_logits):
                               teacher_topk_logprobs=logprobs)
     idx = indices.reshape(-1, k).to(torch.int64)
     lp = logprobs.reshape(-1, k)
+    if check_data:
+        check_topk_data(idx, lp, vocab)
+    return idx, lp
+
+
+def check_topk_data(idx, lp, vocab):
+    """Index range, duplicate indices, listed probabilities summing to more than 1 (one host
+    synchronisation)."""
+    k = idx.shape[-1]
     if idx.numel():
         srt = idx.sort(-1).values
         bad_range = (srt[:, 0] < 0) | (srt[:, -1] >= vocab)
@@ -67,11 +75,31 @@ def validate_topk(teacher_topk, student_logits):
         if flags[2]:
             raise ValueError("teacher_topk logprobs must be log-probabilities: the listed "
                              "probabilities of a row sum to more than 1")
-    return idx, lp
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _dlogq(logp, logq, divergence, beta):
+    """``dD / dlog Q_b`` of the divergences of :func:`fastkd.logit.reference.divergence_rows`
+    over buckets (``logp``, ``logq`` ``[rows, k + 1]``); 0 where Q_b = 0. Derived by hand (the
+    custom op that runs this has no autograd) and checked against autograd in the tests:
+    KL(P||Q): -P_b; KL(Q||P): Q_b (log Q_b - log P_b + 1); JSD(beta):
+    (1 - beta) Q_b log(Q_b / M_b) with M = beta P + (1 - beta) Q; TVD: Q_b sign(Q_b - P_b) / 2.
+    """
+    p, q = logp.exp(), logq.exp()
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "kl" if beta == 0.0 else "reverse_kl"
+    zero = torch.zeros_like(q)
+    if divergence == "kl":
+        return -p
+    if divergence == "reverse_kl":
+        return torch.where(q > 0, q * (logq - logp + 1.0), zero)
+    if divergence == "jsd":
+        logm = _log_mix(logp, logq, beta, 1.0 - beta)
+        return torch.where(q > 0, (1.0 - beta) * q * (logq - logm), zero)
+    return 0.5 * q * torch.sign(q - p)
 
 
 class _RowExp:
@@ -92,8 +120,8 @@ def _bucket_terms(z, idx, lp, soft_factor, cfg, weight, ez):
     The bucket log-probabilities come from row statistics: ``lse`` over all entries,
     ``lse_rest`` over the unlisted ones (summed directly, not as ``1 - sum Q_j``, so a tiny
     residual keeps its relative precision), and the listed ``z``. D and ``g_b = dD/dlog Q_b``
-    are computed on the small ``[rows, k + 1]`` tensors by autograd through the reference's
-    ``divergence_rows`` (one definition of D). Then, with ``G = sum_b g_b``,
+    are computed on the small ``[rows, k + 1]`` tensors (D by the reference's
+    ``divergence_rows``, ``g`` by :func:`_dlogq`). Then, with ``G = sum_b g_b``,
     ``dD/dz_v = g_j [v = indices_j] + g_res e_v / sum_rest [v unlisted] - G e_v / sum``.
     """
     e_rest = ez.e.scatter(-1, idx, 0.0)
@@ -105,11 +133,8 @@ def _bucket_terms(z, idx, lp, soft_factor, cfg, weight, ez):
     p_res = torch.where(empty, torch.zeros_like(p_res), p_res)
     logp = torch.cat([lp, torch.where(p_res > 0, p_res.clamp_min(torch.finfo(z.dtype).tiny).log(),
                                       torch.full_like(p_res, -math.inf))], -1)
-    with torch.enable_grad():
-        lq = logq.detach().requires_grad_(True)
-        d = divergence_rows(logp, lq, cfg.divergence, cfg.beta) * soft_factor
-        w = weight if isinstance(weight, float) else weight.reshape(-1)
-        (g,) = torch.autograd.grad((d * w).sum(), lq)
+    d = divergence_rows(logp, logq, cfg.divergence, cfg.beta) * soft_factor
+    g = _dlogq(logp, logq, cfg.divergence, cfg.beta) * (soft_factor * weight)
     g_res = torch.where(empty, torch.zeros_like(g[:, -1:]), g[:, -1:])
     g_k = g[:, :-1]
     grad = e_rest.mul_(g_res / torch.where(empty, torch.ones_like(sum_rest), sum_rest))
@@ -187,40 +212,62 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     return rows_out, grad
 
 
-class _TopkKD(torch.autograd.Function):
-    """Loss and student gradient in forward (row chunks); backward scales the gradient."""
+TOPK_SCHEMA = ("(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
+               "float temperature, float soft_weight, float hard_weight, str divergence, "
+               "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
+               "str reduction, bool need_grad_student) -> (Tensor, Tensor)")
+_CFG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
+             "ignore_index", "label_smoothing", "reduction")
 
-    @staticmethod
-    def forward(ctx, cfg, lead_shape, target, idx, lp, student):
-        s2 = student.reshape(-1, student.shape[-1])
-        tgt = None if target is None else target.reshape(-1).to(torch.int64)
-        count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+
+@torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd_topk", mutates_args=(), schema=TOPK_SCHEMA,
+                         **_ops.host_sync_tags())
+def logit_kd_topk_op(student, indices, logprobs, target, *rest):
+    """``fastkd::logit_kd_topk``: KD against a sparse top-k teacher on rows ``[N, V]``.
+    Returns ``(loss, grad_student)`` (the gradient computed in forward, or a ``[0]``
+    placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows)."""
+    from fastkd.logit.autograd import LogitKDConfig
+    cfg = LogitKDConfig(**dict(zip(_CFG_KEYS, rest[:9])))
+    need = bool(rest[9])
+    check_topk_data(indices, logprobs, student.shape[-1])
+    with _ops.kernel_context(student.device):
+        count = count_rows(target, cfg.ignore_index, student.shape[0], student.device)
+        if student.dtype == torch.float64:
+            count = count.double()
         grad_scale = (1.0 / count) if cfg.reduction == "mean" else None
-        rows, grad = topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale,
-                                        ctx.needs_input_grad[5])
-        ctx.reduction = cfg.reduction
-        ctx.shape = student.shape
-        ctx.save_for_backward(grad)
-        out = reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
-        return out if student.dtype == torch.float64 else out.float()
+        rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
+                                        need)
+        loss = reduce_rows(rows, cfg.reduction, rows.shape, count.to(rows.dtype))
+    return loss, _ops.placeholder(student) if grad is None else grad
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None, None
-        if ctx.reduction == "none":
-            scale = grad_output.reshape(-1, 1).to(torch.float32)
-        else:
-            scale = grad_output.reshape(1, 1).to(torch.float32)
-        g = (grad.float() * scale).to(grad.dtype) if grad.dtype != torch.float64 \
-            else grad * scale.double()
-        return None, None, None, None, None, g.view(ctx.shape)
+
+@logit_kd_topk_op.register_fake
+def _topk_fake(student, indices, logprobs, target, *rest):
+    reduction, need = rest[8], rest[9]
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
+    return loss, student.new_empty(student.shape) if need else _ops.placeholder(student)
+
+
+def _topk_setup(ctx, inputs, output):
+    ctx.reduction = inputs[12]
+    _ops.save_gradients(ctx, [output[1]], [inputs[13]])
+
+
+def _topk_backward(ctx, grad_loss, _grad):
+    if grad_loss is None:
+        return (None,) * 14
+    (g,) = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "KD loss (teacher_topk)",
+                            per_row=ctx.reduction == "none")
+    return (g,) + (None,) * 13
+
+
+logit_kd_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str):
     """KD loss against a sparse top-k teacher; ``cfg`` is a validated ``LogitKDConfig``."""
-    idx, lp = validate_topk(teacher_topk, student_logits)
+    idx, lp = validate_topk(teacher_topk, student_logits, check_data=backend_name == "reference")
     lead_shape = student_logits.shape[:-1]
     if backend_name == "reference":
         s2 = student_logits.reshape(-1, student_logits.shape[-1])
@@ -232,4 +279,8 @@ def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str):
             label_smoothing=cfg.label_smoothing)
         count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
         return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
-    return _TopkKD.apply(cfg, lead_shape, target, idx, lp, student_logits)
+    s2 = student_logits.reshape(-1, student_logits.shape[-1])
+    tgt = None if target is None else target.reshape(-1).to(torch.int64)
+    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *[getattr(cfg, k) for k in _CFG_KEYS],
+                               _ops.needs_grad(s2))
+    return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

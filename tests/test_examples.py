@@ -1,0 +1,107 @@
+"""Smoke tests of the examples in examples/: each runs end to end with tiny settings (seconds).
+
+They check that the examples run and report what they claim to (finite accuracies in [0, 1], the
+result files written), not how well distillation works: that is tests/test_efficacy.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"fastkd_example_{name}",
+                                                  os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The examples set torch's thread count; restore it for the rest of the test session."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _is_accuracy(v):
+    return isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 1.0
+
+
+def test_distill_digits_writes_its_results(tmp_path):
+    pytest.importorskip("scipy")
+    pytest.importorskip("matplotlib")
+    out = _load("distill_digits").main([
+        "--seeds", "2", "--epochs", "2", "--teacher-epochs", "2", "--holdout-epochs", "1",
+        "--labels-per-class", "10", "--out", str(tmp_path), "--name", "smoke", "--quiet"])
+    methods = ["ce", "kd", "hint", "sp", "rkd", "all"]
+    assert list(out["results"]) == methods
+    assert all(len(v) == 2 and all(map(_is_accuracy, v)) for v in out["results"].values())
+    assert set(out["stats"]) == set(methods) - {"ce"}
+    assert len(out["holdout"]["kd"]["class_acc"]) == 2
+    for ext in ("md", "json", "png"):
+        assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["test_accuracy"] == out["results"]
+    assert "| CE only |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_multi_teacher_runs():
+    out = _load("multi_teacher").main(["--seeds", "1", "--epochs", "2", "--teacher-epochs", "1"])
+    assert len(out) == 4 and all(map(_is_accuracy, out.values()))
+
+
+def test_mutual_distillation_runs():
+    out = _load("mutual_distillation").main(["--seeds", "1", "--epochs", "2"])
+    assert len(out) == 2 and all(map(_is_accuracy, out.values()))
+
+
+def test_mutual_loss_reaches_both_students():
+    """The one-call mutual loss of mutual_distillation.py gives gradients to both students."""
+    import fastkd
+
+    torch.manual_seed(0)
+    s1 = torch.randn(8, 10, requires_grad=True)
+    s2 = torch.randn(8, 10, requires_grad=True)
+    mutual = fastkd.KDLoss(temperature=4.0, divergence="jsd", beta=0.5)
+    loss = mutual(s1, s2)
+    loss.backward()
+    assert s1.grad is not None and s2.grad is not None
+    assert s1.grad.abs().sum() > 0 and s2.grad.abs().sum() > 0
+    # beta = 0.5: symmetric, so neither student is privileged
+    with torch.no_grad():
+        torch.testing.assert_close(mutual(s2, s1), loss, rtol=1e-5, atol=1e-7)
+
+
+def test_self_distillation_runs():
+    out = _load("self_distillation").main(["--seeds", "1", "--epochs", "2"])
+    assert len(out) == 2
+    assert all(_is_accuracy(a) for pair in out.values() for a in pair)
+
+
+def test_hf_trainer_kd_without_transformers(monkeypatch, capsys):
+    """Where transformers is absent (as in CI) the example says so and returns (exit status 0)."""
+    mod = _load("hf_trainer_kd")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert mod.main([]) is None
+    assert "transformers is not installed" in capsys.readouterr().out
+
+
+def test_hf_trainer_kd_runs():
+    pytest.importorskip("transformers")
+    out = _load("hf_trainer_kd").main(
+        ["--mode", "loop", "--vocab", "50", "--length", "8", "--batch-size", "4",
+         "--teacher-layers", "1", "--teacher-steps", "2", "--student-steps", "2"])
+    assert len(out) == 2 and all(math.isfinite(v) for v in out.values())
