@@ -139,18 +139,15 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
             rs = row_scale[lo:hi].reshape(-1, 1)
             gs = None if gs is None else (gs.float() * rs).to(gs.dtype)
             gt = None if gt is None else (gt.float() * rs).to(gt.dtype)
-        if need[0]:
-            torch.mm(gs, ws_v, out=g_hs[lo:hi])
-        if need[1]:
-            acc_ws.add_(slice(0, vocab), gs, hs[lo:hi])
-        if need[2]:
-            g_bs[:vocab] += gs.sum(0, dtype=g_bs.dtype)
-        if need[3]:
-            torch.mm(gt, wt_v, out=g_ht[lo:hi])
-        if need[4]:
-            acc_wt.add_(slice(0, vocab), gt, ht[lo:hi])
-        if need[5]:
-            g_bt[:vocab] += gt.sum(0, dtype=g_bt.dtype)
+        # Logit gradient -> (hidden rows, weight, bias) gradients, student side then teacher.
+        for off, g, h, w_v, g_h, acc, g_b in ((0, gs, hs, ws_v, g_hs, acc_ws, g_bs),
+                                              (3, gt, ht, wt_v, g_ht, acc_wt, g_bt)):
+            if need[off]:
+                torch.mm(g, w_v, out=g_h[lo:hi])
+            if need[off + 1]:
+                acc.add_(slice(0, vocab), g, h[lo:hi])
+            if need[off + 2]:
+                g_b[:vocab] += g.sum(0, dtype=g_b.dtype)
         if need[6]:
             g_tl[lo:hi, :vocab] = gt
     grads = [g_hs, None if acc_ws is None else acc_ws.result(),

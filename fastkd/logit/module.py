@@ -1,10 +1,30 @@
-"""The ``torch.nn`` module of logit KD: :class:`KDLoss`."""
+"""The ``torch.nn`` modules of logit KD: :class:`KDLoss`, :class:`FusedLinearKDLoss`."""
 from __future__ import annotations
 
 import torch
 
 from fastkd import _backend, _checks
 from fastkd.logit import autograd as _logit
+
+
+_CONFIG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
+                "ignore_index", "label_smoothing", "reduction")
+
+
+def _init_logit_module(module, args, n_teachers=None):
+    """Validate the KD arguments eagerly (a bad one fails at construction, naming itself) and
+    store them as attributes, as ``torch.nn`` loss modules do."""
+    module._config = {key: args[key] for key in _CONFIG_KEYS}
+    _logit.LogitKDConfig(**module._config)
+    weights = args["teacher_weights"]
+    if weights is not None:
+        n = len(weights) if n_teachers is None else n_teachers
+        weights = _checks.check_weights("teacher_weights", weights, n)
+    module.teacher_weights = weights
+    module.backend = _backend.check_backend_name(args["backend"])
+    module.process_group = args["process_group"]
+    for key, value in module._config.items():
+        setattr(module, key, value)
 
 
 class KDLoss(torch.nn.Module):
@@ -95,20 +115,7 @@ class KDLoss(torch.nn.Module):
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                  reduction="mean", teacher_weights=None, backend="auto", process_group=None):
         super().__init__()
-        # Validate eagerly so that a bad argument fails at construction, naming itself.
-        self._config = dict(temperature=temperature, soft_weight=soft_weight,
-                            hard_weight=hard_weight, divergence=divergence, beta=beta,
-                            t2_scale=t2_scale, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction=reduction)
-        _logit.LogitKDConfig(**self._config)
-        if teacher_weights is not None:
-            n = len(teacher_weights)
-            teacher_weights = _checks.check_weights("teacher_weights", teacher_weights, n)
-        self.teacher_weights = teacher_weights
-        self.backend = _backend.check_backend_name(backend)
-        self.process_group = process_group
-        for key, value in self._config.items():
-            setattr(self, key, value)
+        _init_logit_module(self, locals())
 
     def forward(self, student_logits, teacher_logits=None, target=None, *, teacher_topk=None):
         config = {key: getattr(self, key) for key in self._config}
@@ -195,22 +202,12 @@ class FusedLinearKDLoss(torch.nn.Module):
                  reduction="mean", teacher_weights=None, backend="auto", chunk_size=None,
                  process_group=None):
         super().__init__()
-        self.process_group = process_group
-        self._config = dict(temperature=temperature, soft_weight=soft_weight,
-                            hard_weight=hard_weight, divergence=divergence, beta=beta,
-                            t2_scale=t2_scale, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction=reduction)
-        _logit.LogitKDConfig(**self._config)
-        if teacher_weights is not None:
-            _checks.check_weights("teacher_weights", teacher_weights, 1)
+        _init_logit_module(self, locals(), n_teachers=1)
         if chunk_size is not None and (isinstance(chunk_size, bool)
                                        or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None (auto), got "
                              f"{chunk_size!r}")
         self.chunk_size = chunk_size
-        self.backend = _backend.check_backend_name(backend)
-        for key, value in self._config.items():
-            setattr(self, key, value)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,

@@ -174,23 +174,12 @@ def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, s
     buckets of :func:`topk_bucket_logprobs`, plus the hard CE term as in
     :func:`kd_rows_reference`. ``student`` ``[N, V]``, ``indices`` ``[N, k]`` int64,
     ``logprobs`` ``[N, k]``. Rows whose target is ``ignore_index`` are 0."""
-    n, vocab = student.shape
-    if target is not None:
-        valid = target != ignore_index
-        bad = valid & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"target has values outside [0, {vocab}) other than "
-                             f"ignore_index={ignore_index}, e.g. {int(target[bad][0])}")
-    else:
-        valid = torch.ones(n, dtype=torch.bool, device=student.device)
+    valid = checked_rows(student.detach(), [], target, ignore_index)
     keep = valid.unsqueeze(-1)
     s = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
     lp = torch.where(keep, logprobs, torch.full((), -math.log(indices.shape[-1]) if
                                                  indices.shape[-1] else 0.0,
                                                  dtype=logprobs.dtype, device=logprobs.device))
-    if bool((s == -math.inf).all(-1).any()):
-        raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary entry "
-                         "left)")
     logp, logq = topk_bucket_logprobs(s, indices, lp, temperature)
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
