@@ -93,7 +93,7 @@ int64_t row_argmax(const float* x, int64_t padded, float m) {
 // entry (which contributes exactly 1): log-probabilities near 0 (a confident row) stay accurate.
 // The unnormalised exponentials are kept in `cache` (when given) so that the later sweeps get
 // the probabilities by one multiply instead of another exp.
-float row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, float* cache) {
+double row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, float* cache) {
   const Vec vm(m), vi(inv_t), one(1.f);
   double s[2];
   block_sums<2>(padded, [&](int64_t v, Vec* acc) {
@@ -104,7 +104,7 @@ float row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, floa
     acc[0] = acc[0] + Vec::blendv(e, Vec(0.f), at_max);
     acc[1] = acc[1] + Vec::blendv(Vec(0.f), one, at_max);
   }, s);
-  return static_cast<float>(std::log1p(s[0] + (s[1] - 1.0)));
+  return std::log1p(s[0] + (s[1] - 1.0));
 }
 
 inline Vec sel(const Vec& mask, const Vec& a) {  // mask ? a : 0
@@ -155,6 +155,7 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   load_row(static_cast<const TS*>(p.student) + r * p.student_stride, V, Vp, xs);
   float* xt[kMaxTeachers];
   float mt[kMaxTeachers], lzt[kMaxTeachers];
+  double lzt_d[kMaxTeachers];  // log Z of each teacher, unrounded (see kl_terms)
   int64_t jt[kMaxTeachers];
   const float inv_t = 1.f / p.temperature;
   const float ms = row_max(xs, Vp);
@@ -170,14 +171,33 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
       *flags |= kFlagTeacherAllMasked;
       return zero_outputs();
     }
-    lzt[i] = row_log_sum_exp(xt[i], Vp, mt[i], inv_t, nt == 1 ? w.et.data() : nullptr);
+    lzt_d[i] = row_log_sum_exp(xt[i], Vp, mt[i], inv_t, nt == 1 ? w.et.data() : nullptr);
+    lzt[i] = static_cast<float>(lzt_d[i]);
     jt[i] = row_argmax(xt[i], Vp, mt[i]);
   }
-  const float lzs = row_log_sum_exp(xs, Vp, ms, inv_t, w.es.data());
+  const double lzs_d = row_log_sum_exp(xs, Vp, ms, inv_t, w.es.data());
+  const float lzs = static_cast<float>(lzs_d);
   const int64_t js = row_argmax(xs, Vp, ms);
+  // log(Zs / Zt) for one teacher. KL and reverse KL take lzs - lzt (its rounding, ~eps, is a
+  // common shift of d that cancels to first order in kl_terms). TVD and JSD do not cancel it, so
+  // there it is log1p((Zs - Zt) / Zt) with Zs - Zt = sum et (expm1(((s - t) - (ms - mt)) / T))
+  // (the exact difference where the exponents are close), accurate when the student is close to
+  // its teacher relative to the logits' magnitude.
+  double log_zs_zt = nt == 1 ? lzs_d - lzt_d[0] : 0.0;
+  if (nt == 1 && (p.divergence == Divergence::TVD || p.divergence == Divergence::JSD)) {
+    const Vec vd0(ms - mt[0]), vinv0(inv_t), one(1.f), zero0(0.f);
+    double dz[1];
+    block_sums<1>(Vp, [&](int64_t v, Vec* acc) {
+      const Vec es = Vec::loadu(w.es.data() + v), et = Vec::loadu(w.et.data() + v);
+      const Vec ab = ((Vec::loadu(xs + v) - Vec::loadu(xt[0] + v)) - vd0) * vinv0;
+      const Vec close = (ab.abs() < one) & (et > zero0);
+      acc[0] = acc[0] + Vec::blendv(es - et, et * ab.expm1(), close);
+    }, dz);
+    log_zs_zt = std::log1p(dz[0] / std::exp(lzt_d[0]));
+  }
   float lz1 = 0.f, finite_sum = 0.f, n_finite = 0.f;
   if (hard) {
-    lz1 = row_log_sum_exp(xs, Vp, ms, 1.f, w.e1.data());
+    lz1 = static_cast<float>(row_log_sum_exp(xs, Vp, ms, 1.f, w.e1.data()));
     if (p.label_smoothing != 0.f) {
       const Vec ninf(kNegInf), one(1.f);
       double sm[2];
@@ -240,11 +260,37 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   auto jsd_d = [&](const Vec& lpv, const Vec& lqv) { return lpv - lqv + vlogit_beta; };
   // q - p without cancelling when both are close to 1: the factor exp(.) - 1 of the smaller
   // log-probability difference, computed by expm1.
-  auto q_minus_p = [&](const Vec& lqv, const Vec& qv, const Vec& lpv, const Vec& pv) {
-    const Vec d = lpv - lqv;
+  // (d = log p - log q; see d_at for the accurate one.)
+  auto q_minus_p_d = [&](const Vec& qv, const Vec& pv, const Vec& d) {
     const Vec e = (zero - d.abs()).expm1();  // exp(-|d|) - 1, in (-1, 0]
     const Vec a = Vec::blendv(pv * e, zero - qv * e, d <= zero);  // q >= p: -q e; else p e
     return sel((qv > zero) | (pv > zero), a);
+  };
+  // KL and reverse KL loss terms. d = log p - log q; one teacher: from the raw difference t - s
+  // and log(Zs / Zt) (unrounded), so a student close to its teacher keeps d to float32 precision
+  // rather than to eps * |log p|. Then KL(p||q) = sum_{p != 0} p phi(d) + sum_{p == 0} q with
+  // phi(d) = d + expm1(-d) >= 0 (since sum p exp(-d) = sum_{p != 0} q): every term is >= 0, so a
+  // small divergence (large T, a student near its teacher) is not the difference of terms of
+  // size |d|, and a common rounding of d (from log Z) cancels to first order. phi: a series for
+  // |d| < 1/2, else p d + (q - p). The tests are != 0 so that NaN propagates (SPEC).
+  const Vec vdm(mt[0] - ms), vdl(static_cast<float>(log_zs_zt)), half(0.5f);
+  auto d_at = [&](int64_t v, const Vec& lpv, const Vec& lqv) {
+    if (mixed) return lpv - lqv;
+    return ((Vec::loadu(xt[0] + v) - Vec::loadu(xs + v)) - vdm) * vinv + vdl;
+  };
+  // a phi(d) + (b - a) [a phi(d) with b = a exp(-d), b given]; a where a != 0, else b.
+  auto kl_terms = [&](const Vec& a, const Vec& b, const Vec& d) {
+    Vec ser = Vec(1.f / 362880.f);
+    ser = Vec(1.f / 40320.f) - d * ser;
+    ser = Vec(1.f / 5040.f) - d * ser;
+    ser = Vec(1.f / 720.f) - d * ser;
+    ser = Vec(1.f / 120.f) - d * ser;
+    ser = Vec(1.f / 24.f) - d * ser;
+    ser = Vec(1.f / 6.f) - d * ser;
+    ser = Vec(0.5f) - d * ser;
+    const Vec small = a * (d * d * ser);
+    const Vec large = a * d + (b - a);
+    return Vec::blendv(b, Vec::blendv(large, small, d.abs() < half), a != zero);
   };
   // Student-side per-entry value x_v whose softmax gradient is q_v (x_v - sum q x) (RKL, JSD).
   auto student_x = [&](const Vec& lqv, const Vec& lpv) {
@@ -311,29 +357,42 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
       const Vec lqv = logq_at(v), lpv = logp_at(v);
       const Vec qv = q_at(v), pv = p_at(v, lpv);
       switch (div) {
-        case Divergence::KL:
-          acc[0] = acc[0] + sel(pv > zero, pv * (lpv - lqv));
+        case Divergence::KL: {
+          const Vec dd = d_at(v, lpv, lqv);
+          acc[0] = acc[0] + kl_terms(pv, qv, dd);
           if (fuse_grad && gs_out) {
-            Vec gv = Vec(c) * q_minus_p(lqv, qv, lpv, pv);
+            Vec gv = Vec(c) * q_minus_p_d(qv, pv, dd);
             if (hard) gv = gv + Vec(hw) * ce_grad(v);
             gv.store(g + v);
           }
           break;
+        }
         case Divergence::ReverseKL:
-          acc[0] = acc[0] + sel(qv > zero, qv * (lqv - lpv));
+          acc[0] = acc[0] + kl_terms(qv, pv, zero - d_at(v, lpv, lqv));
           if (student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (lqv - lpv - vxs));
           break;
         case Divergence::JSD: {
           const Vec d = jsd_d(lpv, lqv);
           const Vec yq = zero - softplus(d), yp = zero - softplus(zero - d);
-          acc[0] = acc[0] + sel(pv > zero, pv * (yp - vlog_beta));
-          acc[1] = acc[1] + sel(qv > zero, qv * (yq - vlog_1mb));
+          // KL(p||m) and KL(q||m) as kl_terms of log(p/m) = -log1p((1-beta) expm1(-dd)) and
+          // log(q/m) = -log1p(beta expm1(dd)), dd = log p - log q (accurate when p ~ q; the
+          // softplus forms where expm1 would overflow).
+          const Vec dd = d_at(v, lpv, lqv), mv = vbeta * pv + vomb * qv;
+          const Vec lpm = Vec::blendv(yp - vlog_beta, zero - (vomb * (zero - dd).expm1()).log1p(),
+                                      dd > Vec(-80.f));
+          const Vec lqm = Vec::blendv(yq - vlog_1mb, zero - (vbeta * dd.expm1()).log1p(),
+                                      dd < Vec(80.f));
+          acc[0] = acc[0] + kl_terms(pv, mv, lpm);
+          acc[1] = acc[1] + kl_terms(qv, mv, lqm);
           if (student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (yq - vxs));
           break;
         }
         case Divergence::TVD: {
-          const Vec gt = pv > qv, lt = pv < qv, eq = pv == qv;
-          acc[0] = acc[0] + (pv - qv).abs();
+          // Sign classes of p - q from the sign of d = log p - log q (accurate, see d_at), not
+          // from the separately rounded p and q: a student near its teacher keeps its classes.
+          const Vec dd = d_at(v, lpv, lqv);
+          const Vec gt = dd > zero, lt = dd < zero, eq = dd == zero;
+          acc[0] = acc[0] + q_minus_p_d(qv, pv, dd).abs();
           acc[2] = acc[2] + sel(gt, qv);
           acc[3] = acc[3] + sel(lt, qv);
           acc[4] = acc[4] + sel(eq, qv);
@@ -350,13 +409,17 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
       if (teacher_sum) {
         for (int i = 0; i < nt; ++i) {
           if (!gt_out[i]) continue;
-          const Vec pi = logpi_at(i, v).exp();
-          Vec gv;
-          if (div == Divergence::ReverseKL)
-            gv = sel(qv > zero, zero - (lqv - lpv).exp());
+          const Vec lpi = logpi_at(i, v), pi = lpi.exp();
+          Vec pg;  // p_i (g - g*_i)
+          if (div == Divergence::ReverseKL)  // p_i g = -q p_i / p, not p_i * (-q / p): with
+            // saturated rows q / p overflows while p_i underflows (lost: -q).
+            // (The guard is log p_i > -inf: p_i itself may underflow to 0 where -q p_i / p
+            // does not.)
+            pg = sel(lpi > Vec(kNegInf), sel(qv > zero, zero - (lqv + lpi - lpv).exp())
+                                             - pi * Vec(g_star[i]));
           else
-            gv = teacher_gv(lpv, lqv);
-          acc[5 + 3 * i] = acc[5 + 3 * i] + sel(pi > zero, pi * (gv - Vec(g_star[i])));
+            pg = sel(pi > zero, pi * (teacher_gv(lpv, lqv) - Vec(g_star[i])));
+          acc[5 + 3 * i] = acc[5 + 3 * i] + pg;
         }
       }
     }
@@ -394,16 +457,18 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
         const Vec qv = q_at(v), pv = p_at(v, lpv);
         Vec dd;
         switch (div) {
-          case Divergence::KL: dd = q_minus_p(lqv, qv, lpv, pv); break;
+          case Divergence::KL: dd = q_minus_p_d(qv, pv, d_at(v, lpv, lqv)); break;
           case Divergence::ReverseKL:
             dd = sel(qv > zero, qv * (student_x(lqv, lpv) - vxs - vx_sum));
             break;
           case Divergence::JSD:
             dd = vomb * sel(qv > zero, qv * (student_x(lqv, lpv) - vxs - vx_sum));
             break;
-          default:
-            dd = qv * Vec::blendv(Vec::blendv(tvd_eq, tvd_lt, pv < qv), tvd_gt, pv > qv);
+          default: {
+            const Vec d = d_at(v, lpv, lqv);
+            dd = qv * Vec::blendv(Vec::blendv(tvd_eq, tvd_lt, d < zero), tvd_gt, d > zero);
             break;
+          }
         }
         Vec gv = Vec(c) * dd;
         if (hard) gv = gv + Vec(hw) * ce_grad(v);
@@ -432,19 +497,22 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     for (int64_t v = 0; v < Vp; v += kW) {
       const Vec lqv = logq_at(v), lpv = logp_at(v);
       const Vec qv = q_at(v), pv = p_at(v, lpv);
-      const Vec pi = logpi_at(i, v).exp();
-      Vec gv;
+      const Vec lpi = logpi_at(i, v), pi = lpi.exp();
+      Vec pg;  // p_i (g - g* - S)
       switch (div) {
-        case Divergence::TVD:
-          gv = Vec::blendv(Vec::blendv(t_eq, t_lt, pv < qv), t_gt, pv > qv);
+        case Divergence::TVD: {
+          const Vec d = d_at(v, lpv, lqv);
+          pg = sel(pi > zero, pi * Vec::blendv(Vec::blendv(t_eq, t_lt, d < zero), t_gt, d > zero));
           break;
-        case Divergence::ReverseKL:
-          gv = sel(qv > zero, zero - (lqv - lpv).exp()) - vgs - vS;
+        }
+        case Divergence::ReverseKL:  // p_i g = -q p_i / p (see the sums above)
+          pg = sel(lpi > Vec(kNegInf),
+                   sel(qv > zero, zero - (lqv + lpi - lpv).exp()) - pi * (vgs + vS));
           break;
         default:
-          gv = teacher_gv(lpv, lqv) - vgs - vS;
+          pg = sel(pi > zero, pi * (teacher_gv(lpv, lqv) - vgs - vS));
       }
-      (coef * sel(pi > zero, pi * gv)).store(g + v);
+      (coef * pg).store(g + v);
     }
     store_row(g, V, gt_out[i]);
   }

@@ -296,7 +296,10 @@ def feature_kd_forward(x3, t3, weight, bias, loss_id: int, scale: float, row_sca
         _feature_fwd_kernel[(triton.cdiv(rc, bm),)](
             x3, *x3.stride(), w, *sw, bias if bias is not None else dummy,
             t3, *t3.stride(), row_loss if row_loss is not None else dummy,
-            rs if rs is not None else dummy, rs_norm if rs_norm is not None else dummy,
+            rs if rs is not None else dummy,
+            # (HAS_RS loads this row scale too: without a dL/dy buffer it is unused, but it must
+            # be float32 - the interpreter cannot make the bf16 `other` of a bf16 dummy.)
+            rs_norm if rs_norm is not None else (rs if rs is not None else dummy),
             gbuf if gbuf is not None else dummy,
             gx, *sgx, gt, *sgt, r0, rc, Q, Ds, Dt, float(scale), 1.0, COSINE_EPS,
             LOSS=loss_id, ADAPTER=adapter, HAS_BIAS=bias is not None, HAS_RS=rs is not None,

@@ -173,10 +173,20 @@ def _log1p(x):
 
 
 @triton.jit
-def _shift_terms(p, q, d):
-    """Terms of B = sum_{p>0} p (exp(-d) - 1) and m0 = sum_{p=0} q (see the kernel)."""
-    b = tl.where(p == 0, 0.0, tl.where(tl.abs(d) < 0.5, p * _expm1_small(-d), q - p))
-    return b, tl.where(p == 0, q, 0.0)
+def _kl_terms(a, b, d):
+    """Terms of KL(a||b) = sum_{a != 0} a phi(d) + sum_{a == 0} b, d = log a - log b,
+    phi(d) = d + expm1(-d) >= 0 (as sum a exp(-d) = sum_{a != 0} b): non-negative terms, so a
+    small divergence is not a difference of terms of size |d|, and a rounding common to all d
+    cancels to first order. Series for |d| < 1/2, else a d + (b - a). NaN propagates."""
+    ser = 1.0 / 362880.0
+    ser = 1.0 / 40320.0 - d * ser
+    ser = 1.0 / 5040.0 - d * ser
+    ser = 1.0 / 720.0 - d * ser
+    ser = 1.0 / 120.0 - d * ser
+    ser = 1.0 / 24.0 - d * ser
+    ser = 1.0 / 6.0 - d * ser
+    ser = 0.5 - d * ser
+    return tl.where(a == 0, b, tl.where(tl.abs(d) < 0.5, a * (d * d * ser), a * d + (b - a)))
 
 
 @triton.jit
@@ -284,15 +294,17 @@ def _logit_kd_kernel(
     n_masked = tl.zeros((), tl.int32)
     for i in tl.static_range(NT):
         mt, zt = _max_sumexp(t_ptrs[i] + row * t_strides[i], hi, inv_t, BLOCK_V)
-        n_masked += (mt == NEG_INF).to(tl.int32)
+        # All -inf: max -inf and sum exactly 0. An all-NaN row also has max -inf (max ignores
+        # NaN) but a NaN sum: not "masked", its NaN flows into the loss (SPEC).
+        n_masked += ((mt == NEG_INF) & (zt == 0.0)).to(tl.int32)
         mvec = tl.where(tix == i, mt, mvec)
         dlvec = tl.where(tix == i, tl.log(zs / zt), dlvec)
-    s_masked = ms == NEG_INF
+    s_masked = (ms == NEG_INF) & (zs == 0.0)
     # NaN statistics are not "masked": they flow on into the loss (SPEC: NaN propagates).
     flag = (tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
             | tl.where(go & (n_masked > 0), 4, 0))
     tl.atomic_or(flags_ptr, flag, mask=flag != 0)
-    live = go & (ms != NEG_INF) & (n_masked == 0)
+    live = go & ((ms != NEG_INF) | (zs != 0.0)) & (n_masked == 0)
     hi2 = tl.where(live, V, 0)
     lzs = tl.log(zs)
     log_beta = tl.log(beta)
@@ -307,10 +319,11 @@ def _logit_kd_kernel(
 
     # ---- sweep 2: row sums (and the loss) --------------------------------------------------
     acc_a = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl: D terms; jsd: Kp terms; tvd: |p - q|
-    acc_b = tl.zeros([BLOCK_V], tl.float32)   # jsd: Kq terms; tvd: q h terms; kl/rkl: B terms
-    acc_m = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl with one teacher: m0 terms
+    acc_b = tl.zeros([BLOCK_V], tl.float32)   # jsd: Kq terms; tvd: q mass where p > q
+    acc_m = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p < q
     acc_ls = tl.zeros([BLOCK_V], tl.float32)  # label smoothing: sum over finite s of (s - ms)
     acc_c = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p == q (acc_b: p > q, acc_m: p < q)
+    acc_k = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl: the loss in the phi form (_kl_terms)
     svec = tl.zeros([NT_PAD], tl.float32)     # S_i of the teachers that need a gradient
     if SUMS:
         for start in range(0, hi2, BLOCK_V):
@@ -324,12 +337,10 @@ def _logit_kd_kernel(
             diff = d
             if DIV == 0:
                 acc_a += tl.where(p == 0, 0.0, p * d)
+                acc_k += _kl_terms(p, q, d)
             elif DIV == 1:
-                acc_a += tl.where(q == 0, 0.0, -q * d)
-            if (DIV == 0 or DIV == 1) and NT == 1:
-                sb, sm = _shift_terms(p, q, d)
-                acc_b += sb
-                acc_m += sm
+                acc_a += tl.where(q == 0, 0.0, -q * d)  # D as the gradient q (-d - D) needs it
+                acc_k += _kl_terms(q, p, -d)
             if DIV == 2:
                 e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
                 acc_a += tl.where(p == 0, 0.0, p * f)
@@ -386,10 +397,7 @@ def _logit_kd_kernel(
                 diff = _p_minus_q(p, q, d)
             if not SUMS:
                 acc_d += tl.where(p == 0, 0.0, p * d)
-                if NT == 1:
-                    sb, sm = _shift_terms(p, q, d)
-                    acc_b += sb
-                    acc_m += sm
+                acc_k += _kl_terms(p, q, d)
                 if SMOOTH:
                     acc_ls += tl.where(s == NEG_INF, 0.0, s - ms)
             if NEED_S:
@@ -445,18 +453,12 @@ def _logit_kd_kernel(
                     tl.store(gt_ptr + g_row + offs, zero.to(gt_ptr.dtype.element_ty), mask=mask)
 
     d_loss = d_row
-    if (DIV == 0 or DIV == 1) and NT == 1:
-        # d carries one common rounding error eps from log(Zs / Zt) (~1e-7), which KL and reverse
-        # KL take at first order, noticeable when D itself is ~1e-4. Since
-        # sum_{p>0} p exp(-d) = 1 - m0 exactly, eps = log1p(-m0) - log1p(B); remove it from the
-        # loss (the gradient, q (-d - D) for reverse KL, is consistent without it). Applied only
-        # where it is a rounding-sized correction.
-        shift = _log1p(-tl.sum(acc_m, axis=0)) - _log1p(sum_b)
-        shift = tl.where(tl.abs(shift) < 1e-4, shift, 0.0)
-        if DIV == 0:
-            d_loss = d_row - shift
-        else:
-            d_loss = d_row + shift
+    if DIV == 0 or DIV == 1:
+        # The loss value from the phi form (_kl_terms: non-negative terms; the common rounding of
+        # d from log(Zs / Zt) cancels to first order), not from sum p d, whose terms of size |d|
+        # cancel for a student near its teacher (the gradient, q (-d - D) for reverse KL, uses
+        # the plain D, consistent with its d).
+        d_loss = tl.sum(acc_k, axis=0)
     loss = soft_factor * d_loss
     if HARD:
         if SMOOTH:
