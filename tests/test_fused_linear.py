@@ -329,7 +329,6 @@ def test_topk_nan_masks_and_ignored_rows(backend, device):
 
 
 def _opcheck_args(reduction, kind):
-    from fastkd.logit.fused_linear import _CFG_KEYS
     g = torch.Generator().manual_seed(9)
     hs = torch.randn(6, 5, generator=g, requires_grad=True)
     ws = torch.randn(11, 5, generator=g, requires_grad=True)
@@ -346,7 +345,7 @@ def _opcheck_args(reduction, kind):
     ht_, wt_, bt_, tl_, idx_, lp_ = teacher
     need = [True, True, True, False, False, False, False]
     return (hs, ws, bs, ht_, wt_, bt_, tl_, y, idx_, lp_,
-            *[getattr(cfg, k) for k in _CFG_KEYS], 4, 11, kind, need, "cpu")
+            *cfg.as_args(), 4, 11, kind, need, "cpu")
 
 
 @pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")
@@ -358,7 +357,7 @@ def test_opcheck(reduction, kind):
 
 
 def test_opcheck_topk_kd():
-    from fastkd.logit.topk import _CFG_KEYS, logit_kd_topk_op
+    from fastkd.logit.topk import logit_kd_topk_op
     g = torch.Generator().manual_seed(2)
     s = torch.randn(5, 13, generator=g, requires_grad=True)
     lp, idx = torch.log_softmax(torch.randn(5, 13, generator=g), -1).topk(4)
@@ -367,7 +366,7 @@ def test_opcheck_topk_kd():
         cfg = fastkd.logit.autograd.LogitKDConfig(temperature=1.5, hard_weight=0.3,
                                                   divergence="reverse_kl", reduction=reduction)
         torch.library.opcheck(logit_kd_topk_op, (s, idx, lp, y,
-                                                 *[getattr(cfg, k) for k in _CFG_KEYS], True))
+                                                 *cfg.as_args(), True))
 
 
 @pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")

@@ -59,6 +59,15 @@ class LogitKDConfig:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         self.reduction = _checks.check_reduction(reduction)
 
+    def as_args(self) -> tuple:
+        """The fields in ``__slots__`` order: how the custom ops receive the configuration."""
+        return tuple(getattr(self, key) for key in self.__slots__)
+
+    @classmethod
+    def from_args(cls, args) -> "LogitKDConfig":
+        """Inverse of :meth:`as_args` (inside an op implementation)."""
+        return cls(**dict(zip(cls.__slots__, args)))
+
     @property
     def soft_factor(self) -> float:
         return self.soft_weight * (self.temperature ** 2 if self.t2_scale else 1.0)

@@ -157,26 +157,36 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
     return rows_out, flags, grads
 
 
+def _forward_pass(plan, tgt, inputs, idx, lp, need):
+    """The loss (reduced; ``[N]`` for ``"none"``) and the gradients asked for by ``need``
+    (``"mean"``/``"sum"``; with ``"none"`` they are computed in backward, so all None), after
+    raising the kernels' data-dependent errors."""
+    hs = inputs[0]
+    count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
+    if hs.dtype == torch.float64:
+        count = count.double()  # float64 inputs (vocab-parallel path): exact 1/count
+    deferred = plan.cfg.reduction == "none"
+    grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
+    rows, flags, grads = _run_chunks(plan, tgt, *inputs, idx, lp,
+                                     [False] * 7 if deferred else list(need), grad_scale, None)
+    bits = int(flags.item())
+    if bits:
+        _logit.raise_flags(bits, plan.cfg.ignore_index, plan.vocab, False)
+    return reduce_rows(rows, plan.cfg.reduction, rows.shape, count.to(rows.dtype)), grads
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
         need = list(ctx.needs_input_grad[4:11])
-        count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
-        if hs.dtype == torch.float64:
-            count = count.double()  # float64 inputs (vocab-parallel path): exact 1/count
+        loss, grads = _forward_pass(plan, tgt, (hs, ws, bs, ht, wt, bt, tl), idx, lp, need)
         deferred = plan.cfg.reduction == "none"
-        grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
-        rows, flags, grads = _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp,
-                                         [False] * 7 if deferred else need, grad_scale, None)
-        bits = int(flags.item())
-        if bits:
-            _logit.raise_flags(bits, plan.cfg.ignore_index, plan.vocab, False)
         ctx.plan, ctx.need, ctx.deferred, ctx.consumed = plan, need, deferred, False
         if deferred:
             ctx.save_for_backward(tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp)
-        else:
-            ctx.save_for_backward(*grads)
-        return reduce_rows(rows, plan.cfg.reduction, plan.lead_shape, count.to(rows.dtype))
+            return loss.reshape(plan.lead_shape)
+        ctx.save_for_backward(*grads)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -211,12 +221,9 @@ FUSED_LINEAR_SCHEMA = (f"({_INPUTS_SCHEMA}, {_CFG_SCHEMA}, {_PLAN_SCHEMA}) -> "
                        f"(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 FUSED_LINEAR_BWD_SCHEMA = (f"(Tensor grad_rows, {_INPUTS_SCHEMA}, {_CFG_SCHEMA}, "
                            f"{_PLAN_SCHEMA}) -> {_GRADS}")
-_CFG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
-             "ignore_index", "label_smoothing", "reduction")
-
 
 def _plan_from(cfg_args, chunk, vocab, kind, backend):
-    cfg = _logit.LogitKDConfig(**dict(zip(_CFG_KEYS, cfg_args)))
+    cfg = _logit.LogitKDConfig.from_args(cfg_args)
     return _Plan(cfg, _logit.KERNELS[backend], chunk, vocab, kind, None)
 
 
@@ -241,16 +248,7 @@ def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     if kind == "topk":
         _topk.check_topk_data(idx, lp, vocab)
     with _ops.kernel_context(hs.device):
-        count = count_rows(target, plan.cfg.ignore_index, hs.shape[0], hs.device)
-        deferred = plan.cfg.reduction == "none"
-        grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
-        rows, flags, grads = _run_chunks(plan, target, hs, ws, bs, ht, wt, bt, tl, idx, lp,
-                                         [False] * 7 if deferred else list(need), grad_scale,
-                                         None)
-        bits = int(flags.item())
-        if bits:
-            _logit.raise_flags(bits, plan.cfg.ignore_index, vocab, False)
-        loss = reduce_rows(rows, plan.cfg.reduction, rows.shape, count)
+        loss, grads = _forward_pass(plan, target, inputs, idx, lp, need)
     return (loss,) + _grad_outputs(grads, inputs)
 
 
@@ -448,7 +446,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
         return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
     need = [_ops.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
     out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp,
-                             *[getattr(cfg, k) for k in _CFG_KEYS], chunk, vocab, kind, need,
+                             *cfg.as_args(), chunk, vocab, kind, need,
                              name)
     return out[0].reshape(lead) if cfg.reduction == "none" else out[0]
 

@@ -7,14 +7,10 @@ from fastkd import _backend, _checks
 from fastkd.logit import autograd as _logit
 
 
-_CONFIG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
-                "ignore_index", "label_smoothing", "reduction")
-
-
 def _init_logit_module(module, args, n_teachers=None):
     """Validate the KD arguments eagerly (a bad one fails at construction, naming itself) and
     store them as attributes, as ``torch.nn`` loss modules do."""
-    module._config = {key: args[key] for key in _CONFIG_KEYS}
+    module._config = {key: args[key] for key in _logit.LogitKDConfig.__slots__}
     _logit.LogitKDConfig(**module._config)
     weights = args["teacher_weights"]
     if weights is not None:

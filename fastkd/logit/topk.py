@@ -20,7 +20,8 @@ import torch
 
 from fastkd import _checks, _ops
 from fastkd._reduce import count_rows, reduce_rows
-from fastkd.logit.reference import _log_mix, divergence_rows, kd_rows_topk_reference
+from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows,
+                                    kd_rows_topk_reference)
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
 _CHUNK_ELEMENTS = 1 << 22
@@ -173,24 +174,18 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     work = torch.float64 if s2.dtype == torch.float64 else torch.float32
     rows_out = torch.empty(n, dtype=work, device=s2.device)
     grad = torch.empty_like(s2) if need_grad else None
-    soft_factor = cfg.soft_weight * (cfg.temperature ** 2 if cfg.t2_scale else 1.0)
+    soft_factor = cfg.soft_factor
     weight = grad_scale.to(work).reshape(-1, 1) if grad_scale is not None else 1.0
     step = _chunk_rows(vocab)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         s = s2[lo:hi].to(work)
         tg = None if tgt is None else tgt[lo:hi]
-        valid = None
+        # The reference's data checks (target range, a counted row -inf everywhere).
+        valid = checked_rows(s, [], tg, cfg.ignore_index)
         if tg is not None:
-            valid = tg != cfg.ignore_index
-            if bool((valid & ((tg < 0) | (tg >= vocab))).any()):
-                raise ValueError(f"target has values outside [0, {vocab}) other than "
-                                 f"ignore_index={cfg.ignore_index}")
             # Ignored rows may hold anything (padding): compute on zeros instead.
             s = torch.where(valid.unsqueeze(-1), s, torch.zeros((), dtype=work, device=s.device))
-        if bool((s == -math.inf).all(-1).any()):
-            raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary "
-                             "entry left)")
         z = s / cfg.temperature if cfg.temperature != 1.0 else s
         ez = _RowExp(z)
         w = weight if isinstance(weight, float) else weight.expand(hi - lo, 1)
@@ -203,7 +198,7 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
             ce, gh = _hard_terms(s, safe, cfg, w, ez if z is s else _RowExp(s))
             rows = rows + cfg.hard_weight * ce
             g.add_(gh)
-        if valid is not None:
+        if tg is not None:
             rows = torch.where(valid, rows, torch.zeros_like(rows))
             g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
         rows_out[lo:hi] = rows
@@ -216,9 +211,6 @@ TOPK_SCHEMA = ("(Tensor student, Tensor indices, Tensor logprobs, Tensor? target
                "float temperature, float soft_weight, float hard_weight, str divergence, "
                "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
                "str reduction, bool need_grad_student) -> (Tensor, Tensor)")
-_CFG_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
-             "ignore_index", "label_smoothing", "reduction")
-
 
 @torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd_topk", mutates_args=(), schema=TOPK_SCHEMA,
                          **_ops.host_sync_tags())
@@ -227,7 +219,7 @@ def logit_kd_topk_op(student, indices, logprobs, target, *rest):
     Returns ``(loss, grad_student)`` (the gradient computed in forward, or a ``[0]``
     placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows)."""
     from fastkd.logit.autograd import LogitKDConfig
-    cfg = LogitKDConfig(**dict(zip(_CFG_KEYS, rest[:9])))
+    cfg = LogitKDConfig.from_args(rest[:9])
     need = bool(rest[9])
     check_topk_data(indices, logprobs, student.shape[-1])
     with _ops.kernel_context(student.device):
@@ -281,6 +273,6 @@ def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str):
         return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
-    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *[getattr(cfg, k) for k in _CFG_KEYS],
+    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(),
                                _ops.needs_grad(s2))
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss
