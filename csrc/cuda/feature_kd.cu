@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "emulatable.cuh"
 #include "fastkd/feature_kd.h"
 
 namespace fastkd {
@@ -142,7 +143,7 @@ constexpr int kTY = 8;   // channel splits per block
 
 template <typename T, typename G>
 __global__ void columns_kernel(const FeatureEpilogueParams p) {
-  __shared__ float red[3][kTY][kTX];
+  FKD_SHARED(float, red, [3][kTY][kTX]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t tiles = (p.inner + kTX - 1) / kTX;
   const int64_t o = blockIdx.x / tiles;
@@ -220,11 +221,13 @@ int launch(const FeatureEpilogueParams& p, cudaStream_t stream) {
   if (p.columns) {
     const int64_t blocks = p.outer * ((p.inner + kTX - 1) / kTX);
     if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
-    columns_kernel<T, G><<<static_cast<unsigned>(blocks), dim3(kTX, kTY), 0, stream>>>(p);
+    constexpr auto kernel = columns_kernel<T, G>;
+    FKD_LAUNCH(kernel, static_cast<unsigned>(blocks), dim3(kTX, kTY), 0, stream)(p);
   } else {
     const int64_t blocks = (p.outer + kWarpsPerBlock - 1) / kWarpsPerBlock;
     if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
-    rows_kernel<T, G><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(p);
+    constexpr auto kernel = rows_kernel<T, G>;
+    FKD_LAUNCH(kernel, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream)(p);
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -17,6 +17,7 @@
 #include <mutex>
 
 #include "fastkd/logit_kd.h"
+#include "emulatable.cuh"
 #include "logit_kd_impl.cuh"
 
 namespace fastkd {
@@ -57,8 +58,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 logit_kd_kernel(const __grid_constant__ LogitKDParams p, const __grid_constant__ Consts c) {
   using Group = BlockGroup<kThreads>;
   using Row = RowKD<kMulti, Group>;
-  __shared__ float red[Row::kRedFloats];
-  extern __shared__ uint4 row_cache[];
+  FKD_SHARED(float, red, [Row::kRedFloats]);
+  FKD_DYNAMIC_SHARED(uint4, row_cache);
   const Group g{static_cast<int>(threadIdx.x), red,
                 c.cache_bytes > 0 ? reinterpret_cast<unsigned char*>(row_cache) : nullptr,
                 c.cache_bytes};
@@ -100,18 +101,21 @@ cudaError_t device_info(int dev, DeviceInfo& out) {
   return cudaSuccess;
 }
 
-// Allows `kernel` up to `bytes` of dynamic shared memory on `dev` and asks for the largest shared
-// memory carveout, so that kBlocksPerSm CTAs with their row caches fit on an SM (once per kernel
-// and device; `bytes` is the same on every call for a given kernel and device).
-template <typename Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, int dev, int bytes) {
+// Allows kKernel up to `bytes` of dynamic shared memory on `dev` and asks for the largest shared
+// memory carveout, so that its resident CTAs with their row caches fit on an SM. Done once per
+// kernel and device: the flags are per template instance, i.e. per kernel (the kernels share one
+// function type, so a flag keyed on the type would let the first kernel's call stand for all).
+// `bytes` depends only on the kernel and the device, so the first call's value holds for later
+// calls.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(int dev, int bytes) {
   static std::atomic<uint64_t> done{0};
   const uint64_t bit = (dev >= 0 && dev < kMaxDevices) ? (uint64_t{1} << dev) : 0;
   if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   // Shared memory over L1: the rows stream through L2, the cache is what is reused.
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                            cudaSharedmemCarveoutMaxShared);
   if (e != cudaSuccess) return e;
   if (bit != 0) done.fetch_or(bit, std::memory_order_relaxed);
@@ -121,7 +125,7 @@ cudaError_t allow_dynamic_smem(Kernel kernel, int dev, int bytes) {
 template <bool kMulti, int kThreads, int kBlocksPerSm>
 cudaError_t launch(const LogitKDParams& p, Consts c, cudaStream_t stream) {
   using Row = RowKD<kMulti, BlockGroup<kThreads>>;
-  auto kernel = logit_kd_kernel<kMulti, kThreads, kBlocksPerSm>;
+  constexpr auto kernel = logit_kd_kernel<kMulti, kThreads, kBlocksPerSm>;
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
@@ -142,13 +146,13 @@ cudaError_t launch(const LogitKDParams& p, Consts c, cudaStream_t stream) {
   int64_t bytes = need < budget ? (need + 127) / 128 * 128 : budget;
   if (bytes < 2048) bytes = 0;  // not worth it
   if (bytes > 0) {
-    e = allow_dynamic_smem(kernel, dev, static_cast<int>(budget));
+    e = allow_dynamic_smem<kernel>(dev, static_cast<int>(budget));
     if (e != cudaSuccess) return e;
   }
   c.cache_bytes = bytes;
 
   const int64_t grid = p.rows < INT_MAX ? p.rows : INT_MAX;
-  kernel<<<static_cast<unsigned>(grid), kThreads, static_cast<size_t>(bytes), stream>>>(p, c);
+  FKD_LAUNCH(kernel, static_cast<unsigned>(grid), kThreads, static_cast<size_t>(bytes), stream)(p, c);
   return cudaGetLastError();
 }
 

@@ -128,7 +128,7 @@ FKD_HD float fmax_nan(float a, float b) { return (b > a || b != b) ? b : a; }
 FKD_HD float sign_nan(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x * 0.f); }
 
 FKD_HD void atomic_or_flag(int* flags, int bits) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMULATION)
   atomicOr(flags, bits);
 #else
   __atomic_fetch_or(flags, bits, __ATOMIC_RELAXED);
@@ -163,7 +163,7 @@ FKD_HD void store_elem(unsigned char* row, DType dt, int64_t v, float x) {
 // W 32-bit words from global memory: read-only path, or evict-first (".cs") for the last read.
 template <bool kStream, int W>
 FKD_HD void load_words(const unsigned char* ptr, uint32_t* w) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMULATION)
   if constexpr (W == 2) {
     const uint2* q = reinterpret_cast<const uint2*>(ptr);
     uint2 v;
@@ -187,7 +187,7 @@ FKD_HD void load_words(const unsigned char* ptr, uint32_t* w) {
 // Gradient stores: written once and never read here, so evict-first keeps L2 for the inputs.
 template <int W>
 FKD_HD void store_words(unsigned char* ptr, const uint32_t* w) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMULATION)
   if constexpr (W == 2) {
     __stcs(reinterpret_cast<uint2*>(ptr), make_uint2(w[0], w[1]));
   } else {
@@ -203,7 +203,7 @@ FKD_HD void store_words(unsigned char* ptr, const uint32_t* w) {
 
 template <int W>
 FKD_HD void load_words_shared(const unsigned char* ptr, uint32_t* w) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMULATION)
   if constexpr (W == 2) {
     const uint2 v = *reinterpret_cast<const uint2*>(ptr);
     w[0] = v.x; w[1] = v.y;
@@ -221,7 +221,7 @@ FKD_HD void load_words_shared(const unsigned char* ptr, uint32_t* w) {
 
 template <int W>
 FKD_HD void store_words_shared(unsigned char* ptr, const uint32_t* w) {
-#ifdef __CUDA_ARCH__
+#if defined(__CUDA_ARCH__) || defined(FASTKD_CUDA_EMULATION)
   if constexpr (W == 2) {
     *reinterpret_cast<uint2*>(ptr) = make_uint2(w[0], w[1]);
   } else {

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "emulatable.cuh"
 #include "fastkd/relation_kd.h"
 
 namespace fastkd {
@@ -31,7 +32,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Sums v[0..N) over the block; the totals are valid in thread 0. Call once per kernel.
 template <int N>
 __device__ __forceinline__ void block_sum(float (&v)[N]) {
-  __shared__ float part[N][kWarps];
+  FKD_SHARED(float, part, [N][kWarps]);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int n = 0; n < N; ++n) {
@@ -256,7 +257,7 @@ __global__ void angle_r_kernel(RKDAngleParams p) {
       }
     }
   }
-  __shared__ float part[kAngleY][kAngleX];
+  FKD_SHARED(float, part, [kAngleY][kAngleX]);
   part[threadIdx.y][threadIdx.x] = loss;
   __syncthreads();
   if (threadIdx.y == 0 && ok) {
@@ -325,21 +326,21 @@ __global__ void pkt_tile_kernel(PKTTileParams p) {
   }
 }
 
-template <class Params, class Kernel>
-int launch_rows(Kernel kernel, const Params& p, void* stream) {
+template <auto kKernel, class Params>
+int launch_rows(const Params& p, void* stream) {
   if (p.rows <= 0) return static_cast<int>(cudaSuccess);
-  kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  FKD_LAUNCH(kKernel, static_cast<unsigned>(p.rows), kThreads, 0, static_cast<cudaStream_t>(stream))(p);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-int sp_stats_cuda(const SPTileParams& p, void* stream) { return launch_rows(sp_stats_kernel, p, stream); }
-int sp_tile_cuda(const SPTileParams& p, void* stream) { return launch_rows(sp_tile_kernel, p, stream); }
-int rkd_stats_cuda(const RKDTileParams& p, void* stream) { return launch_rows(rkd_stats_kernel, p, stream); }
-int rkd_tile_cuda(const RKDTileParams& p, void* stream) { return launch_rows(rkd_tile_kernel, p, stream); }
-int pkt_stats_cuda(const PKTTileParams& p, void* stream) { return launch_rows(pkt_stats_kernel, p, stream); }
-int pkt_tile_cuda(const PKTTileParams& p, void* stream) { return launch_rows(pkt_tile_kernel, p, stream); }
+int sp_stats_cuda(const SPTileParams& p, void* stream) { return launch_rows<sp_stats_kernel>(p, stream); }
+int sp_tile_cuda(const SPTileParams& p, void* stream) { return launch_rows<sp_tile_kernel>(p, stream); }
+int rkd_stats_cuda(const RKDTileParams& p, void* stream) { return launch_rows<rkd_stats_kernel>(p, stream); }
+int rkd_tile_cuda(const RKDTileParams& p, void* stream) { return launch_rows<rkd_tile_kernel>(p, stream); }
+int pkt_stats_cuda(const PKTTileParams& p, void* stream) { return launch_rows<pkt_stats_kernel>(p, stream); }
+int pkt_tile_cuda(const PKTTileParams& p, void* stream) { return launch_rows<pkt_tile_kernel>(p, stream); }
 
 int rkd_angle_cuda(const RKDAngleParams& p, void* stream) {
   const int64_t B = p.batch;
@@ -349,13 +350,13 @@ int rkd_angle_cuda(const RKDAngleParams& p, void* stream) {
   if (p.need_s || p.need_t) {
     const dim3 grid_t(static_cast<unsigned>((B + kAngleX - 1) / kAngleX),
                       static_cast<unsigned>((B + kAngleY - 1) / kAngleY));
-    angle_t_kernel<<<grid_t, block, 0, s>>>(p);
+    FKD_LAUNCH(angle_t_kernel, grid_t, block, 0, s)(p);
     const int err = static_cast<int>(cudaGetLastError());
     if (err != 0) return err;
   }
   const dim3 grid_r(static_cast<unsigned>((B + kAngleX - 1) / kAngleX),
                     static_cast<unsigned>((B + kAngleAnchorBlock - 1) / kAngleAnchorBlock));
-  angle_r_kernel<<<grid_r, block, 0, s>>>(p);
+  FKD_LAUNCH(angle_r_kernel, grid_r, block, 0, s)(p);
   return static_cast<int>(cudaGetLastError());
 }
 
