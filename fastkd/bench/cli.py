@@ -26,18 +26,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m fastkd.bench",
         description="Time and memory of fastkd against stock PyTorch, torch.compile, "
                     "Liger-Kernel and the physical floor, side by side in one process "
-                    "(the protocol of BENCHMARKING.md).")
+                    "(how and why: docs/BENCHMARKING.md).")
     p.add_argument("--suite", default="logit",
                    help="logit | fused-linear | feature | relation | all, or a comma list "
-                        "(default: logit, the few-minute CPU demo; suites whose fastkd class "
-                        "is missing are skipped with a line saying so)")
+                        "(default: logit; suites whose fastkd class is missing are skipped "
+                        "with a line saying so)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None,
                    help="comma list of float32, bfloat16, float16 (default: per suite and "
                         "device, e.g. float32 on CPU; bfloat16,float32 for logit KD on CUDA)")
-    p.add_argument("--sizes", choices=("quick", "full"), default="quick",
-                   help="quick (a few minutes) or full (the BENCHMARKING.md sizes on a GPU)")
+    p.add_argument("--sizes", choices=("demo", "quick", "full"), default="quick",
+                   help="demo (one config per suite: `--suite all --sizes demo` shows every "
+                        "loss family in under 2 minutes on 2 CPU cores), quick (two or more "
+                        "configs per suite, a few minutes) or full (the sizes of "
+                        "docs/BENCHMARKING.md; meant for a GPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="directory of the .json/.md/.png results (default: benchmarks/results)")
     p.add_argument("--name", default=None,

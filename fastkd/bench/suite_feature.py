@@ -15,9 +15,11 @@ from fastkd.bench import core, stock
 
 # (N, Ds, Dt) grids; dtypes; losses.
 SIZES = {
+    ("cpu", "demo"): ([(4096, 256, 1024)], ["float32"], ["mse"]),
     ("cpu", "quick"): ([(2048, 256, 1024), (8192, 256, 1024)], ["float32"], ["mse"]),
     ("cpu", "full"): ([(8192, 512, 1024), (32768, 512, 1024)], ["float32", "bfloat16"],
                       ["mse", "cosine"]),
+    ("cuda", "demo"): ([(65536, 1024, 4096)], ["bfloat16"], ["mse"]),
     ("cuda", "quick"): ([(8192, 1024, 4096), (65536, 1024, 4096)], ["bfloat16"], ["mse"]),
     ("cuda", "full"): ([(n, ds, 4096) for ds in (1024, 2048) for n in (8192, 65536)],
                        ["bfloat16", "float32"], ["mse", "cosine"]),

@@ -17,9 +17,12 @@ BETA = 0.5
 
 # (N, V) grids; dtypes. The CPU quick grid keeps the headline CPU config N=512, V=32000, fp32.
 SIZES = {
+    # demo: one config per suite, so that `--suite all --sizes demo` shows every family fast.
+    ("cpu", "demo"): ([(256, 32000)], ["float32"]),
     ("cpu", "quick"): ([(128, 32000), (512, 32000)], ["float32"]),
     ("cpu", "full"): ([(128, 32000), (512, 32000), (2048, 32000), (512, 128256)],
                       ["float32", "bfloat16"]),
+    ("cuda", "demo"): ([(8192, 128256)], ["bfloat16"]),
     ("cuda", "quick"): ([(1024, 32000), (8192, 32000), (8192, 128256)], ["bfloat16", "float32"]),
     ("cuda", "full"): ([(n, v) for v in (32000, 128256, 262144) for n in (1024, 8192, 32768)],
                        ["bfloat16", "float32"]),

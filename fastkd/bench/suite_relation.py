@@ -23,8 +23,11 @@ VARIANTS = {  # name: (fastkd class, constructor kwargs, stock function)
 
 # Batch sizes B per variant group ("angle" = rkd with its angle term), feature dims d; dtypes.
 SIZES = {
+    # demo: the distance-only RKD run is left out (the full RKD run includes the distance term).
+    ("cpu", "demo"): ({"main": [512], "angle": [128], "rkd-distance": []}, [128], ["float32"]),
     ("cpu", "quick"): ({"main": [256, 1024], "angle": [128, 256]}, [128], ["float32"]),
     ("cpu", "full"): ({"main": [1024, 4096], "angle": [256, 512]}, [128, 512], ["float32"]),
+    ("cuda", "demo"): ({"main": [8192], "angle": [1024], "rkd-distance": []}, [128], ["float32"]),
     ("cuda", "quick"): ({"main": [1024, 8192], "angle": [1024]}, [128], ["float32"]),
     ("cuda", "full"): ({"main": [1024, 8192, 65536], "angle": [1024, 4096]}, [128, 512],
                        ["float32"]),
@@ -65,7 +68,8 @@ class RelationSuite(core.Suite):
                 continue
             for dtype in dtypes or default_dtypes:
                 for d in dims:
-                    for b in batches["angle" if variant == "rkd" else "main"]:
+                    group = batches["angle" if variant == "rkd" else "main"]
+                    for b in batches.get(variant, group):  # a variant may have its own list
                         out.append(self.make_config(dtype, {"B": b, "ds": d, "dt": d},
                                                     {"loss": variant}))
         return out
