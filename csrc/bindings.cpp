@@ -18,6 +18,13 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastkd fused kernels (C++ CPU and, when built, CUDA)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
+  m.def(
+      "set_cuda_emulation",
+      [](int64_t table) {
+        fastkd::glue::cuda_emulation() = reinterpret_cast<const fastkd::CudaKernelTable*>(table);
+      },
+      "Route CPU tensors through the CUDA launchers of the host emulator at this address "
+      "(fastkd_emu_kernels() of the emulator library), or back to the CPU kernels with 0; tests only");
   fastkd::glue::register_logit(m);
   fastkd::glue::register_feature(m);
   fastkd::glue::register_relation(m);

@@ -221,6 +221,7 @@ bool in_region(const Region& r, int64_t off, int size) {
   for (int d = 0; d < 3; ++d) {
     if (r.n[d] == 1) continue;
     const int64_t s = r.s[d];
+    if (s == 0) continue;  // a broadcast dimension: every index is the same element
     const bool innermost = d == 2 || [&] {
       for (int e = d + 1; e < 3; ++e)
         if (r.n[e] != 1) return false;
@@ -317,11 +318,12 @@ void check_access(const void* addr, int size, bool write, bool vector_hint) {
   std::string near = "no buffer";
   int64_t best = INT64_MAX;
   for (const Region& r : g.regions) {
-    int64_t d = a < r.base ? r.base - a : a - (r.base + r.extent) + 1;
+    const int64_t d = a < r.base ? r.base - a : a - (r.base + r.extent);
     if (d < best) {
       best = d;
-      near = format("%lld bytes %s %s", static_cast<long long>(d), a < r.base ? "before" : "past the end of",
-                    r.what.c_str());
+      if (a >= r.base && d == 0) near = "right after the end of " + r.what;
+      else near = format("%lld bytes %s %s", static_cast<long long>(d),
+                         a < r.base ? "before" : "after the end of", r.what.c_str());
     }
   }
   fail_in_fiber(cudaErrorIllegalAddress,
@@ -415,10 +417,10 @@ void run_block(Grid& g) {
 }  // namespace
 
 // ---- device API ---------------------------------------------------------------------------------
-const dim3& thread_idx() { return g_grid->cur->tid; }
-const dim3& block_idx() { return g_grid->bid; }
-const dim3& block_dim() { return g_grid->spec.block; }
-const dim3& grid_dim() { return g_grid->spec.grid; }
+dim3 thread_idx() { return g_grid->cur->tid; }
+dim3 block_idx() { return g_grid->bid; }
+dim3 block_dim() { return g_grid->spec.block; }
+dim3 grid_dim() { return g_grid->spec.grid; }
 
 void syncthreads(int line) {
   Grid& g = *g_grid;
@@ -525,6 +527,8 @@ void* shared_static(const void* key, size_t bytes, size_t align) {
 }
 
 void* shared_dynamic() { return g_grid->dyn_arena; }
+
+void vector_access(const void* p, int bytes, bool write) { check_access(p, bytes, write, true); }
 
 // ---- launches -------------------------------------------------------------------------------------
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
@@ -761,12 +765,38 @@ FKD_EMU_HOOKS(4)
 FKD_EMU_HOOKS(8)
 FKD_EMU_HOOKS(16)
 #undef FKD_EMU_HOOKS
+// The compiler reports aggregate copies (a uint2 / uint4 load or store) as ranges; in kernel code
+// those are vector accesses, which the GPU requires to be aligned to their size.
 void __tsan_read_range(void* a, unsigned long n) {
+  if (n == 2 || n == 4 || n == 8 || n == 16) {
+    emu::check_access(a, static_cast<int>(n), false, n >= 8);
+    return;
+  }
   for (unsigned long i = 0; i < n; ++i) emu::check_access(static_cast<char*>(a) + i, 1, false, false);
 }
 void __tsan_write_range(void* a, unsigned long n) {
+  if (n == 2 || n == 4 || n == 8 || n == 16) {
+    emu::check_access(a, static_cast<int>(n), true, n >= 8);
+    return;
+  }
   for (unsigned long i = 0; i < n; ++i) emu::check_access(static_cast<char*>(a) + i, 1, true, false);
 }
+// Atomics of host code in the kernel files (the launchers' once-per-device flags).
+#define FKD_EMU_ATOMICS(B, T)                                                                     \
+  T __tsan_atomic##B##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  void __tsan_atomic##B##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##B##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##B##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##B##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+  int __tsan_atomic##B##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {           \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);       \
+  }
+FKD_EMU_ATOMICS(8, uint8_t)
+FKD_EMU_ATOMICS(32, uint32_t)
+FKD_EMU_ATOMICS(64, uint64_t)
+#undef FKD_EMU_ATOMICS
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) {}
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit() {}
@@ -798,6 +828,14 @@ int fastkd_emu_configure(const char* devices) {
 }
 
 int fastkd_emu_set_device(int device) { return static_cast<int>(cudaSetDevice(device)); }
+
+// cudaDeviceGetAttribute of a mock device (-1 if unknown), so the tests read the limits the
+// runtime enforces instead of restating them.
+int fastkd_emu_device_attribute(int device, int attr) {
+  int v = -1;
+  if (cudaDeviceGetAttribute(&v, static_cast<cudaDeviceAttr>(attr), device) != cudaSuccess) return -1;
+  return v;
+}
 
 void fastkd_emu_set_execute(int execute) {
   std::lock_guard<std::mutex> lock(state().mu);

@@ -8,6 +8,7 @@
 #endif
 
 #include "fastkd/common.h"
+#include "fastkd/cuda_kernels.h"
 
 namespace fastkd::glue {
 
@@ -27,6 +28,23 @@ inline void check_cuda_status(int status, const char* what) {
 #else
   TORCH_CHECK(status == 0, what, " failed");
 #endif
+}
+
+// The CUDA launchers compiled for the host emulator (csrc/emu/README.md), or null. While set, CPU
+// tensors go through them instead of the CPU kernels, with every decision the glue takes for CUDA
+// tensors (tile sizes, dtypes of intermediates); only the tests set it.
+inline const CudaKernelTable*& cuda_emulation() {
+  static const CudaKernelTable* table = nullptr;
+  return table;
+}
+
+inline bool emulating_cuda(const at::Tensor& t) { return t.is_cpu() && cuda_emulation() != nullptr; }
+
+// Whether the CUDA kernels (real or emulated) serve this tensor.
+inline bool runs_cuda_kernels(const at::Tensor& t) { return t.is_cuda() || emulating_cuda(t); }
+
+inline void check_emulated_status(int status, const char* what) {
+  TORCH_CHECK(status == 0, what, " failed in the CUDA emulator: ", cuda_emulation()->last_error());
 }
 
 #ifdef FASTKD_WITH_CUDA

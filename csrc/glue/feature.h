@@ -95,7 +95,7 @@ feature_kd_forward(const at::Tensor& x_in, const at::Tensor& t_in,
   // GEMM operand dtype: on CUDA the inputs' own dtype when x and W agree (bf16/fp16 tensor cores;
   // float32 follows torch's TF32 setting); otherwise, and always on CPU, float32.
   at::ScalarType cd = at::kFloat;
-  if (cuda && adapter && x.scalar_type() == weight->scalar_type()) cd = x.scalar_type();
+  if (runs_cuda_kernels(x) && adapter && x.scalar_type() == weight->scalar_type()) cd = x.scalar_type();
 
   auto f32 = x.options().dtype(at::kFloat);
   const int64_t rows = P * Q;
@@ -125,7 +125,7 @@ feature_kd_forward(const at::Tensor& x_in, const at::Tensor& t_in,
 
   // Chunk plan: rows layout takes pc rows at a time; columns layout takes pc whole images, or
   // qc positions of one image when a single image is larger than a chunk.
-  const int64_t target = chunk_rows > 0 ? chunk_rows : feature_detail::auto_chunk_rows(Dt, cuda);
+  const int64_t target = chunk_rows > 0 ? chunk_rows : feature_detail::auto_chunk_rows(Dt, runs_cuda_kernels(x));
   int64_t pc_max = target, qc_max = 1;
   if (columns) {
     qc_max = std::min(Q, target);
@@ -238,6 +238,9 @@ feature_kd_forward(const at::Tensor& x_in, const at::Tensor& t_in,
         check_cuda_status(feature_kd_epilogue_cuda(ep, current_stream(x)),
                           "fastkd feature_kd_epilogue_cuda");
 #endif
+      } else if (emulating_cuda(x)) {
+        check_emulated_status(cuda_emulation()->feature_kd_epilogue(ep, nullptr),
+                              "fastkd feature_kd_epilogue_cuda");
       } else {
         feature_kd_epilogue_cpu(ep);
       }

@@ -89,6 +89,8 @@ logit_kd_forward(const at::Tensor& student, const std::vector<at::Tensor>& teach
 #else
     TORCH_CHECK(false, "fastkd was built without CUDA kernels");
 #endif
+  } else if (emulating_cuda(student)) {
+    check_emulated_status(cuda_emulation()->logit_kd(p, nullptr), "fastkd logit_kd_cuda");
   } else {
     TORCH_CHECK(student.is_cpu(), "student_logits must be a CPU or CUDA tensor");
     logit_kd_cpu(p);

@@ -75,21 +75,21 @@ inline at::Tensor finish_grad(const at::Tensor& g32, const at::Tensor& like) {
 }
 
 #ifdef FASTKD_WITH_CUDA
-#define FASTKD_REL_DISPATCH(tensor, name, params)                                         \
-  do {                                                                                     \
-    if ((tensor).is_cuda()) {                                                              \
-      check_cuda_status(name##_cuda(params, current_stream(tensor)), "fastkd " #name "_cuda"); \
-    } else {                                                                               \
-      name##_cpu(params);                                                                  \
-    }                                                                                      \
-  } while (0)
+#define FASTKD_REL_CUDA(tensor, name, params) \
+  check_cuda_status(name##_cuda(params, current_stream(tensor)), "fastkd " #name "_cuda")
 #else
-#define FASTKD_REL_DISPATCH(tensor, name, params)                                          \
-  do {                                                                                     \
-    TORCH_CHECK(!(tensor).is_cuda(), "fastkd was built without CUDA kernels");             \
-    name##_cpu(params);                                                                    \
-  } while (0)
+#define FASTKD_REL_CUDA(tensor, name, params) TORCH_CHECK(false, "fastkd was built without CUDA kernels")
 #endif
+#define FASTKD_REL_DISPATCH(tensor, name, params)                                             \
+  do {                                                                                        \
+    if ((tensor).is_cuda()) {                                                                 \
+      FASTKD_REL_CUDA(tensor, name, params);                                                  \
+    } else if (emulating_cuda(tensor)) {                                                      \
+      check_emulated_status(cuda_emulation()->name(params, nullptr), "fastkd " #name "_cuda"); \
+    } else {                                                                                  \
+      name##_cpu(params);                                                                     \
+    }                                                                                         \
+  } while (0)
 
 struct DeviceScope {
 #ifdef FASTKD_WITH_CUDA
@@ -113,7 +113,7 @@ inline relation_detail::Grads relation_sp_forward(const at::Tensor& student, con
   check_pair(student, teacher);
   DeviceScope scope(student);
   const int64_t B = student.size(0);
-  const bool cuda = student.is_cuda();
+  const bool cuda = runs_cuda_kernels(student);
   at::Tensor xs = to_f32(student), xt = to_f32(teacher);
   at::Tensor xs_g = gemm_operand(student, xs), xt_g = gemm_operand(teacher, xt);
   auto f32 = xs.options();
@@ -206,7 +206,7 @@ inline relation_detail::Grads relation_rkd_forward(const at::Tensor& student, co
   check_pair(student, teacher);
   DeviceScope scope(student);
   const int64_t B = student.size(0);
-  const bool cuda = student.is_cuda();
+  const bool cuda = runs_cuda_kernels(student);
   at::Tensor xs = to_f32(student), xt = to_f32(teacher);
   xs = xs - xs.mean(0, true);
   xt = xt - xt.mean(0, true);
@@ -368,7 +368,7 @@ inline relation_detail::Grads relation_pkt_forward(const at::Tensor& student, co
   check_pair(student, teacher);
   DeviceScope scope(student);
   const int64_t B = student.size(0);
-  const bool cuda = student.is_cuda();
+  const bool cuda = runs_cuda_kernels(student);
   at::Tensor xs = to_f32(student), xt = to_f32(teacher);
   at::Tensor xs_g = gemm_operand(student, xs), xt_g = gemm_operand(teacher, xt);
   auto f32 = xs.options();

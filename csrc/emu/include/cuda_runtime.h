@@ -105,10 +105,10 @@ cudaError_t cudaFuncSetAttribute(F* func, cudaFuncAttribute attr, int value) {
 // ---- device API ---------------------------------------------------------------------------------
 namespace emu {
 
-const dim3& thread_idx();
-const dim3& block_idx();
-const dim3& block_dim();
-const dim3& grid_dim();
+dim3 thread_idx();
+dim3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
 
 void syncthreads(int line);
 // Warp shuffles: kind 0 xor, 1 down, 2 up, 3 idx. The value travels as 32 bits.
@@ -154,12 +154,26 @@ inline float atomicAdd(float* p, float v) {
   return old;
 }
 
+namespace emu {
+// Checks a vector load / store of `bytes` (bounds and natural alignment) before it happens.
+void vector_access(const void* p, int bytes, bool write);
+}  // namespace emu
+
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  ::emu::vector_access(p, sizeof(T), false);
+  return *p;
+}
 template <class T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p) {
+  ::emu::vector_access(p, sizeof(T), false);
+  return *p;
+}
 template <class T>
-inline void __stcs(T* p, T v) { *p = v; }
+inline void __stcs(T* p, T v) {
+  ::emu::vector_access(p, sizeof(T), true);
+  *p = v;
+}
 
 // ---- launches -------------------------------------------------------------------------------------
 namespace emu {
