@@ -389,8 +389,8 @@ enum class SweepMode { Sums, Write, Merged };
 
 template <bool kMulti>
 struct KDTraits {
-  // Several teachers: their per-row state is indexed at run time (teacher-major loops that are
-  // not unrolled over kMaxTeachers, which keeps code size and registers bounded).
+  // Several teachers: up to kMaxTeachers, their number a run-time value (see RowKD for where
+  // their state lives).
   static constexpr int kNT = kMulti ? kMaxTeachers : 1;
   // Elements per chunk: one teacher 8 (16 bytes of bf16/fp16, 32 of fp32); several teachers 4
   // (their chunks are loaded one teacher at a time; smaller code and fewer registers).
@@ -404,7 +404,16 @@ struct RowKD {
   static constexpr int kNT = Tr::kNT;
   static constexpr int N = Tr::kVec;
   static constexpr int kRedK = Tr::kRedK;
-  static constexpr int kRedFloats = red_floats<Group::kSize, kRedK>();
+  static constexpr int kAccN = 3 + kNT;  // per-thread sweep sums, see unit()
+  // Several teachers: per-teacher row state that every thread reads (pointers, weight, statistics,
+  // gradient factors) is a table in shared memory after the reduction scratch, written by thread 0
+  // between barriers. Loops over the teachers that only read it run over the run-time count; the
+  // per-thread accumulators (pass-1 online statistics, pass-2 S_i parts) are register arrays that
+  // only loops unrolled over kMaxTeachers (guarded by i < nt) touch. A per-thread array indexed at
+  // run time would live in local memory (736 bytes of stack per thread, read in the inner loops).
+  static constexpr int kTabStride = 10;  // words per teacher, see the tab_* accessors
+  static constexpr int kTabOffset = red_floats<Group::kSize, kRedK>();
+  static constexpr int kRedFloats = kTabOffset + (kMulti ? kTabStride * kNT : 0);
   static constexpr int64_t G = Group::kSize;
   using Vc = Vec<N>;
 
@@ -435,7 +444,7 @@ struct RowKD {
   bool want_gs = false, any_gt = false;
   float cs = 0.f, a1 = 0.f, b1 = 0.f, c1 = 0.f;
 
-  // Per teacher.
+  // Per teacher: in registers for one teacher, in the shared table (tab_*) for several.
   struct Teacher {
     const unsigned char* t;
     unsigned char* gt;
@@ -443,11 +452,46 @@ struct RowKD {
     float mt;      // raw max
     float lzt;     // log2 of the sum of exp2((t - mt) c)
     float ssum;    // S_i (natural units)
-    mutable float sacc;  // this thread's part of S_i (several teachers)
     float ct;      // gradient factor; 0 = write exact zeros
     bool sum_t;    // S_i is needed
   };
-  Teacher tc[kNT];
+  Teacher tc{nullptr, nullptr, 0.f, -INFINITY, 0.f, 0.f, 0.f, false};  // one teacher only
+
+  // Shared table, words of teacher i: 0-1 t, 2-3 gt (pointer halves), 4 w, 5 mt, 6 lzt, 7 ssum,
+  // 8 ct, 9 sum_t (0 or 1). Written by thread 0 only, read by all after the next barrier.
+  enum TabField { kTabT = 0, kTabGt = 2, kTabW = 4, kTabMt, kTabLzt, kTabSsum, kTabCt, kTabSumT };
+  FKD_HD float* tab(int i, int f) const { return g.red + kTabOffset + i * kTabStride + f; }
+  FKD_HD uintptr_t tab_ptr(int i, int f) const {
+    const uint64_t lo = float_to_bits(*tab(i, f)), hi = float_to_bits(*tab(i, f + 1));
+    return static_cast<uintptr_t>(lo | (hi << 32));
+  }
+  FKD_HD void tab_set_ptr(int i, int f, const void* ptr) const {
+    const uint64_t u = reinterpret_cast<uintptr_t>(ptr);
+    *tab(i, f) = bits_to_float(static_cast<uint32_t>(u));
+    *tab(i, f + 1) = bits_to_float(static_cast<uint32_t>(u >> 32));
+  }
+
+  // Teacher i's state, wherever it lives (i < nt).
+  FKD_HD const unsigned char* t_row(int i) const {
+    if constexpr (kMulti) return reinterpret_cast<const unsigned char*>(tab_ptr(i, kTabT));
+    else return tc.t;
+  }
+  FKD_HD unsigned char* gt_row(int i) const {
+    if constexpr (kMulti) return reinterpret_cast<unsigned char*>(tab_ptr(i, kTabGt));
+    else return tc.gt;
+  }
+  FKD_HD float t_w(int i) const { if constexpr (kMulti) return *tab(i, kTabW); else return tc.w; }
+  FKD_HD float t_mt(int i) const { if constexpr (kMulti) return *tab(i, kTabMt); else return tc.mt; }
+  FKD_HD float t_lzt(int i) const {
+    if constexpr (kMulti) return *tab(i, kTabLzt); else return tc.lzt;
+  }
+  FKD_HD float t_ssum(int i) const {
+    if constexpr (kMulti) return *tab(i, kTabSsum); else return tc.ssum;
+  }
+  FKD_HD float t_ct(int i) const { if constexpr (kMulti) return *tab(i, kTabCt); else return tc.ct; }
+  FKD_HD bool t_sum(int i) const {
+    if constexpr (kMulti) return *tab(i, kTabSumT) != 0.f; else return tc.sum_t;
+  }
 
   FKD_HD RowKD(const LogitKDParams& p, const Consts& c, const Group& grp) : P(p), C(c), g(grp) {}
 
@@ -475,8 +519,8 @@ struct RowKD {
       if (grads && gs) ok = ok && aligned_at(gs, ssz, k);
       FKD_NO_UNROLL
       for (int i = 0; i < nt; ++i) {
-        if (inputs) ok = ok && aligned_at(tc[i].t, tsz, k);
-        if (grads && tc[i].gt) ok = ok && aligned_at(tc[i].gt, tsz, k);
+        if (inputs) ok = ok && aligned_at(t_row(i), tsz, k);
+        if (grads && gt_row(i)) ok = ok && aligned_at(gt_row(i), tsz, k);
       }
       if (ok) found = k;
     }
@@ -504,7 +548,7 @@ struct RowKD {
     if (g.rank == 0) P.row_loss[row] = 0.f;
     bool any = gs != nullptr;
     FKD_NO_UNROLL
-    for (int i = 0; i < nt; ++i) any = any || tc[i].gt != nullptr;
+    for (int i = 0; i < nt; ++i) any = any || gt_row(i) != nullptr;
     if (!any) return;
     layout(false, true);
     if (vec) {
@@ -514,7 +558,7 @@ struct RowKD {
         if (gs) Vc::store_zero(gs + v0 * ssz, sd);
         FKD_NO_UNROLL
         for (int i = 0; i < nt; ++i)
-          if (tc[i].gt) Vc::store_zero(tc[i].gt + v0 * tsz, td);
+          if (unsigned char* gt = gt_row(i)) Vc::store_zero(gt + v0 * tsz, td);
       }
       if (g.rank < nscal) zero_elem(scalar_index(g.rank));
     } else {
@@ -527,7 +571,7 @@ struct RowKD {
     if (gs) store_elem(gs, sd, v, 0.f);
     FKD_NO_UNROLL
     for (int i = 0; i < nt; ++i)
-      if (tc[i].gt) store_elem(tc[i].gt, td, v, 0.f);
+      if (unsigned char* gt = gt_row(i)) store_elem(gt, td, v, 0.f);
   }
 
   // ---- pass 1: statistics ----
@@ -573,12 +617,9 @@ struct RowKD {
     float x[K];
     src.ld_s(x);
     online<kZ1, kCnt>(os, C.c, x);
-    if constexpr (!kMulti) {
-      src.ld_t(0, x);
-      online<false, false>(ot[0], C.c, x);
-    } else {
-      FKD_NO_UNROLL
-      for (int i = 0; i < nt; ++i) {
+    FKD_UNROLL
+    for (int i = 0; i < kNT; ++i) {
+      if (kNT == 1 || i < nt) {
         src.ld_t(i, x);
         online<false, false>(ot[i], C.c, x);
       }
@@ -594,8 +635,9 @@ struct RowKD {
 
     if (vec) {
       // The cache layout depends on jc, which may differ from the previous row's: wait until
-      // every thread is done reading the previous row before overwriting it.
-      if (jc > 0) g.sync();
+      // every thread is done reading the previous row before overwriting it (several teachers:
+      // done at the start of the row).
+      if (!kMulti && jc > 0) g.sync();
       FKD_NO_UNROLL
       for (int64_t j = g.rank; j < nvec; j += G) {
         const ChunkSrc<false, true> src{*this, j};
@@ -630,12 +672,18 @@ struct RowKD {
     if (mx[0] == -INFINITY && sm[0] == 0.f) flag_bits |= kFlagStudentAllMasked;
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) {
-      if (i < nt) {
-        tc[i].mt = mx[1 + i];
-        tc[i].lzt = lg2(sm[3 + i]);
+      if (kNT == 1 || i < nt) {
         if (mx[1 + i] == -INFINITY && sm[3 + i] == 0.f) flag_bits |= kFlagTeacherAllMasked;
+        if constexpr (!kMulti) {
+          tc.mt = mx[1];
+          tc.lzt = lg2(sm[3]);
+        } else if (g.rank == 0) {  // every thread holds the same reduced values
+          *tab(i, kTabMt) = mx[1 + i];
+          *tab(i, kTabLzt) = lg2(sm[3 + i]);
+        }
       }
     }
+    if constexpr (kMulti) g.sync();
   }
 
   // ---- sources of one unit of work: a chunk of N elements, or one element ----
@@ -653,12 +701,12 @@ struct RowKD {
     }
     FKD_HD void ld_t(int i, float (&x)[N]) const {
       if (!kKeep && j < r.jc) Vc::load_shared(r.cache_t(i, j), r.td, x);
-      else Vc::template load<kLast>(r.tc[i].t + v0() * r.tsz, r.td,
+      else Vc::template load<kLast>(r.t_row(i) + v0() * r.tsz, r.td,
                                     kKeep && j < r.jc ? r.cache_t(i, j) : nullptr, x);
     }
     FKD_HD void st_s(const float (&o)[N]) const { Vc::store(r.gs + v0() * r.ssz, r.sd, o); }
     FKD_HD void st_t(int i, const float (&o)[N]) const {
-      Vc::store(r.tc[i].gt + v0() * r.tsz, r.td, o);
+      Vc::store(r.gt_row(i) + v0() * r.tsz, r.td, o);
     }
     // Index of the target in this chunk, or -1.
     FKD_HD int target_at() const {
@@ -672,9 +720,11 @@ struct RowKD {
     const RowKD& r;
     int64_t v;
     FKD_HD void ld_s(float (&x)[1]) const { x[0] = load_elem(r.s, r.sd, v); }
-    FKD_HD void ld_t(int i, float (&x)[1]) const { x[0] = load_elem(r.tc[i].t, r.td, v); }
+    FKD_HD void ld_t(int i, float (&x)[1]) const { x[0] = load_elem(r.t_row(i), r.td, v); }
     FKD_HD void st_s(const float (&o)[1]) const { store_elem(r.gs, r.sd, v, o[0]); }
-    FKD_HD void st_t(int i, const float (&o)[1]) const { store_elem(r.tc[i].gt, r.td, v, o[0]); }
+    FKD_HD void st_t(int i, const float (&o)[1]) const {
+      store_elem(r.gt_row(i), r.td, v, o[0]);
+    }
     FKD_HD int target_at() const { return v == r.y ? 0 : -1; }
   };
 
@@ -682,8 +732,8 @@ struct RowKD {
   // Sweep sums, per thread, acc:
   //   [0] kl / rkl: sum p (Lp - Lq) / sum q (Lq - Lp); jsd: Kp; tvd: sum |p - q|
   //   [1] jsd: Kq; tvd: sum q h     [2] CE smoothing: sum over s != -inf of -Lq1
-  //   [3] S_0 (one teacher; several teachers: tc[i].sacc)
-  // Base-2 logs in [0..2], natural units in [3]. Every term multiplied by a probability is selected
+  //   [3 + i] S_i (teacher i)
+  // Base-2 logs in [0..2], natural units in [3 + i]. Every term multiplied by a probability is selected
   // to exactly 0 where that probability is 0 (never 0 * inf); the test is == 0 so that a NaN
   // probability still reaches the sums.
 
@@ -692,11 +742,11 @@ struct RowKD {
   template <Divergence D, SweepMode M, class Src>
   FKD_HD void teacher_side(int i, const Src& src, const float (&lp)[Src::K],
                            const float (&p)[Src::K], const float (&q)[Src::K],
-                           const float (&gv)[Src::K], float (&acc)[4], bool store) const {
+                           const float (&gv)[Src::K], float (&acc)[kAccN], bool store) const {
     constexpr int K = Src::K;
-    const Teacher& te = tc[i];
-    const bool need = M == SweepMode::Sums ? te.sum_t : te.ct != 0.f;
-    const bool st = M == SweepMode::Write && store && te.gt != nullptr;
+    const float ct = M == SweepMode::Write ? t_ct(i) : 0.f;
+    const bool need = M == SweepMode::Sums ? t_sum(i) : ct != 0.f;
+    const bool st = M == SweepMode::Write && store && gt_row(i) != nullptr;
     if (!need && !st) return;
     float o[K];
     FKD_UNROLL
@@ -709,12 +759,14 @@ struct RowKD {
       } else {
         float xt[K];
         src.ld_t(i, xt);
+        const float mt = t_mt(i), lzt = t_lzt(i);
         FKD_UNROLL
         for (int e = 0; e < K; ++e) {
-          lpi[e] = fmaf(xt[e] - te.mt, C.c, -te.lzt);
+          lpi[e] = fmaf(xt[e] - mt, C.c, -lzt);
           pi[e] = ex2(lpi[e]);
         }
       }
+      const float ssum = M == SweepMode::Write ? t_ssum(i) : 0.f;
       float sacc = 0.f;
       FKD_UNROLL
       for (int e = 0; e < K; ++e) {
@@ -726,19 +778,16 @@ struct RowKD {
         } else {
           pg = pi[e] == 0.f ? 0.f : pi[e] * gv[e];
         }
-        if (M == SweepMode::Sums) sacc += pg;
-        else o[e] = te.ct * (pg - pi[e] * te.ssum);
+        if constexpr (M == SweepMode::Sums) sacc += pg;
+        else o[e] = ct * (pg - pi[e] * ssum);
       }
-      if (M == SweepMode::Sums) {
-        if constexpr (kMulti) te.sacc += sacc;
-        else acc[3] += sacc;
-      }
+      if constexpr (M == SweepMode::Sums) acc[3 + i] += sacc;
     }
     if (st) src.st_t(i, o);
   }
 
   template <Divergence D, SweepMode M, bool kHard, class Src>
-  FKD_HD void unit(const Src& src, float (&acc)[4], bool wr_t) const {
+  FKD_HD void unit(const Src& src, float (&acc)[kAccN], bool wr_t) const {
     constexpr int K = Src::K;
     constexpr bool kAcc = M != SweepMode::Write;
     constexpr bool kWr = M != SweepMode::Sums;
@@ -753,7 +802,7 @@ struct RowKD {
       float xt[K];
       src.ld_t(0, xt);
       FKD_UNROLL
-      for (int e = 0; e < K; ++e) lp[e] = fmaf(xt[e] - tc[0].mt, C.c, -tc[0].lzt);
+      for (int e = 0; e < K; ++e) lp[e] = fmaf(xt[e] - tc.mt, C.c, -tc.lzt);
     } else {
       // log2 sum_i w_i p_iv, accumulated online over the teachers with w_i > 0, shifted by the
       // running max (no underflow; a NaN anywhere gives NaN).
@@ -762,13 +811,14 @@ struct RowKD {
       for (int e = 0; e < K; ++e) { mm[e] = -INFINITY; sa[e] = 0.f; }
       FKD_NO_UNROLL
       for (int i = 0; i < nt; ++i) {
-        const float wi = tc[i].w;
+        const float wi = t_w(i);
         if (!(wi > 0.f)) continue;
         float xt[K];
         src.ld_t(i, xt);
+        const float mt = t_mt(i), lzt = t_lzt(i);
         FKD_UNROLL
         for (int e = 0; e < K; ++e) {
-          const float l = fmaf(xt[e] - tc[i].mt, C.c, -tc[i].lzt);
+          const float l = fmaf(xt[e] - mt, C.c, -lzt);
           const float nm = fmax_nan(mm[e], l);
           const float old = mm[e] == -INFINITY ? 0.f : sa[e] * ex2(mm[e] - nm);
           sa[e] = old + (l == -INFINITY ? 0.f : wi * ex2(l - nm));
@@ -838,6 +888,10 @@ struct RowKD {
     if constexpr (M != SweepMode::Merged) {
       if constexpr (!kMulti) {
         teacher_side<D, M>(0, src, lp, pv, q, gv, acc, wr_t);
+      } else if constexpr (M == SweepMode::Sums) {  // S_i goes to the register acc[3 + i]
+        FKD_UNROLL
+        for (int i = 0; i < kNT; ++i)
+          if (i < nt) teacher_side<D, M>(i, src, lp, pv, q, gv, acc, wr_t);
       } else {
         FKD_NO_UNROLL
         for (int i = 0; i < nt; ++i) teacher_side<D, M>(i, src, lp, pv, q, gv, acc, wr_t);
@@ -848,7 +902,7 @@ struct RowKD {
   // One sweep over the row. reverse: from the end of the row backwards, so that the chunks loaded
   // last in the previous pass (most likely still in L2) come first.
   template <Divergence D, SweepMode M, bool kHard, bool kLast>
-  FKD_HD void sweep(bool reverse, float (&acc)[4]) const {
+  FKD_HD void sweep(bool reverse, float (&acc)[kAccN]) const {
     const bool wr_t = M == SweepMode::Write && any_gt;
     if (vec) {
       const int64_t steps = (nvec + G - 1) / G;
@@ -866,17 +920,10 @@ struct RowKD {
 
   // Reduces the sweep sums, sets dsum / x1 / S_i and returns the row loss.
   template <Divergence D>
-  FKD_HD float finish_sums(float (&acc)[4], float nll) {
-    float red[3 + kNT];
-    red[0] = acc[0];
-    red[1] = acc[1];
-    red[2] = acc[2];
-    if constexpr (!kMulti) {
-      red[3] = acc[3];
-    } else {
-      FKD_UNROLL
-      for (int i = 0; i < kNT; ++i) red[3 + i] = i < nt ? tc[i].sacc : 0.f;
-    }
+  FKD_HD float finish_sums(float (&acc)[kAccN], float nll) {
+    float red[kAccN];  // acc[3 + i] is 0 for i >= nt
+    FKD_UNROLL
+    for (int k = 0; k < kAccN; ++k) red[k] = acc[k];
     group_allreduce<OpSum, kRedK>(g, red);
     if constexpr (D == Divergence::KL || D == Divergence::ReverseKL) {
       dsum = kLn2 * red[0];
@@ -888,10 +935,16 @@ struct RowKD {
       dsum = 0.5f * red[0];
       x1 = red[1];
     }
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i)
-      if (i < nt) tc[i].ssum = red[3 + i];
-    if constexpr (D == Divergence::ReverseKL && !kMulti) tc[0].ssum = -1.f;  // S = -sum q = -1
+    if constexpr (!kMulti) {
+      tc.ssum = D == Divergence::ReverseKL ? -1.f : red[3];  // rkl: S = -sum q = -1
+    } else if (any_gt) {  // only the teacher gradients (pass 3) read S_i
+      if (g.rank == 0) {
+        FKD_UNROLL
+        for (int i = 0; i < kNT; ++i)
+          if (i < nt) *tab(i, kTabSsum) = red[3 + i];
+      }
+      g.sync();
+    }
     float loss = P.soft_factor * dsum;
     if (hard) {
       const float ce = C.eps == 0.f ? nll
@@ -903,9 +956,9 @@ struct RowKD {
 
   template <Divergence D>
   FKD_HD void sweeps(int64_t row, float nll) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[kAccN];
     FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) tc[i].sacc = 0.f;
+    for (int k = 0; k < kAccN; ++k) acc[k] = 0.f;
     float loss;
     if (D == Divergence::KL && want_gs && !any_gt) {
       // The common case: the student gradient q - p needs no row sum.
@@ -934,17 +987,37 @@ struct RowKD {
     s = static_cast<const unsigned char*>(P.student) + row * P.student_stride * ssz;
     gs = P.grad_student ? static_cast<unsigned char*>(P.grad_student) + row * V * ssz : nullptr;
     any_gt = false;
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) {
-      Teacher& te = tc[i];
-      te = Teacher{nullptr, nullptr, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0.f, false};
-      if (i < nt) {
-        te.t = static_cast<const unsigned char*>(P.teacher[i]) + row * P.teacher_stride[i] * tsz;
-        te.gt = P.grad_teacher[i] ? static_cast<unsigned char*>(P.grad_teacher[i]) + row * V * tsz
+    if constexpr (!kMulti) {
+      tc = Teacher{nullptr, nullptr, 0.f, -INFINITY, 0.f, 0.f, 0.f, false};
+      tc.t = static_cast<const unsigned char*>(P.teacher[0]) + row * P.teacher_stride[0] * tsz;
+      tc.gt = P.grad_teacher[0] ? static_cast<unsigned char*>(P.grad_teacher[0]) + row * V * tsz
+                                : nullptr;
+      tc.w = P.teacher_weight[0];
+      any_gt = tc.gt != nullptr;
+    } else {
+      // Every thread must be done with the previous row (its table and row cache) first.
+      g.sync();
+      FKD_UNROLL
+      for (int i = 0; i < kNT; ++i) {
+        if (i < nt) {
+          any_gt = any_gt || P.grad_teacher[i] != nullptr;
+          if (g.rank == 0) {
+            const float w = P.teacher_weight[i];
+            unsigned char* gt =
+                P.grad_teacher[i] ? static_cast<unsigned char*>(P.grad_teacher[i]) + row * V * tsz
                                   : nullptr;
-        te.w = P.teacher_weight[i];
-        any_gt = any_gt || te.gt != nullptr;
+            tab_set_ptr(i, kTabT, static_cast<const unsigned char*>(P.teacher[i]) +
+                                      row * P.teacher_stride[i] * tsz);
+            tab_set_ptr(i, kTabGt, gt);
+            *tab(i, kTabW) = w;
+            // As for one teacher below; known before the row is read.
+            const bool need = gt != nullptr && w != 0.f;
+            *tab(i, kTabSumT) = need ? 1.f : 0.f;
+            *tab(i, kTabCt) = need ? C.sf_over_t * gscale * w : 0.f;
+          }
+        }
       }
+      g.sync();
     }
     y = -1;
     if (P.target != nullptr) {
@@ -986,14 +1059,11 @@ struct RowKD {
       b1 = hw * (1.f - C.eps);
       c1 = hw * C.eps_over_v;
     }
-    const bool rkl1 = !kMulti && P.divergence == Divergence::ReverseKL;
-    FKD_UNROLL
-    for (int i = 0; i < kNT; ++i) {
-      Teacher& te = tc[i];
-      const bool need = i < nt && te.gt != nullptr && te.w != 0.f;
-      te.sum_t = need && !rkl1;  // one-teacher rkl: S = -1 without a sum
+    if constexpr (!kMulti) {
+      const bool need = tc.gt != nullptr && tc.w != 0.f;
+      tc.sum_t = need && P.divergence != Divergence::ReverseKL;  // rkl: S = -1 without a sum
       // A teacher of weight 0 gets ct = 0 and exact zeros (never 0 * inf).
-      te.ct = need ? C.sf_over_t * gscale * te.w : 0.f;
+      tc.ct = need ? C.sf_over_t * gscale * tc.w : 0.f;
     }
 
     switch (P.divergence) {
