@@ -413,7 +413,8 @@ struct RowKD {
   // run time would live in local memory (736 bytes of stack per thread, read in the inner loops).
   static constexpr int kTabStride = 10;  // words per teacher, see the tab_* accessors
   static constexpr int kTabOffset = red_floats<Group::kSize, kRedK>();
-  static constexpr int kRedFloats = kTabOffset + (kMulti ? kTabStride * kNT : 0);
+  // A multiple of 16 bytes, as ptxas allocates it: the launcher's shared-memory budget uses it.
+  static constexpr int kRedFloats = (kTabOffset + (kMulti ? kTabStride * kNT : 0) + 3) / 4 * 4;
   static constexpr int64_t G = Group::kSize;
   using Vc = Vec<N>;
 
