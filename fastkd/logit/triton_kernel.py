@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastkd._triton_aot import launch
+
 MAX_TEACHERS = 8
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -476,26 +478,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_config(vocab: int, num_teachers: int, divergence: int, on_cpu: bool):
-    """(BLOCK_V, num_warps).
+#: Register budget per thread on GPU (PTX ``.maxnreg``): 4-warp blocks at <= 128 registers keep
+#: at least 4 blocks (16 warps) per SM. Without it ptxas picks its own occupancy targets (80 or
+#: 96 registers on sm_80) and spills 4-48 bytes to reach them.
+MAX_REGISTERS = 128
 
-    GPU: a chunk gives each thread 16 elements (4096 with 8 warps) on the common path (one
-    teacher, not jsd; about 110 registers on sm_90, no spill); jsd and several teachers keep more
-    values live per element, so 8 elements per thread (2048, 8 warps), and 4 warps of 1024 from
-    4 teachers on. Small V gets one block just covering it. Not tuned on hardware yet.
-    Interpreter: up to 1024 (numpy vectorises a chunk; more chunks cost Python overhead).
+
+def launch_config(vocab: int, num_teachers: int, divergence: int, teacher_grad: bool,
+                  on_cpu: bool) -> dict:
+    """Launch options of ``_logit_kd_kernel``: ``BLOCK_V``, ``num_warps`` (and ``maxnreg``).
+
+    GPU: 4 warps, at most :data:`MAX_REGISTERS` registers per thread, and a chunk of ``BLOCK_V``
+    = 128 x (elements per thread): 16 elements on the light path (one teacher, kl or
+    reverse kl, no teacher gradient); 4 with teacher gradients of 3 or more teachers (each
+    keeps its own terms live through the gradient sweep); 8 otherwise. These sizes compile
+    without spills on sm_80 and sm_90 (``benchmarks/results/resources-triton.md``). A small
+    vocabulary gets one chunk just covering it, with fewer warps. Interpreter: up to 1024 per
+    chunk, one warp (numpy vectorises a chunk; more chunks cost Python overhead).
     """
     block = triton.next_power_of_2(max(vocab, 2))
     if on_cpu:
-        return min(block, 1024), 1
-    if num_teachers >= 4:
-        cap, warps = 1024, 4
-    elif num_teachers > 1 or divergence == 2:
-        cap, warps = 2048, 8
+        return {"BLOCK_V": min(block, 1024), "num_warps": 1}
+    if num_teachers == 1 and divergence in (0, 1) and not teacher_grad:
+        per_thread = 16
+    elif num_teachers >= 3 and teacher_grad:
+        per_thread = 4
     else:
-        cap, warps = 4096, 8
-    block = min(block, cap)
-    return block, max(1, min(warps, block // 256))
+        per_thread = 8
+    block = min(block, 128 * per_thread)
+    return {"BLOCK_V": block, "num_warps": max(1, min(4, block // 256)),
+            "maxnreg": MAX_REGISTERS}
 
 
 def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s, need_t, *,
@@ -516,7 +528,7 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
         need_s: write the student gradient.
         need_t: one bool per teacher: write that teacher's gradient.
         block_v, num_warps: launch overrides (tests use a small ``block_v`` to exercise the
-            chunked sweeps); default: see ``_launch_config``.
+            chunked sweeps); default: see :func:`launch_config`.
 
     Returns:
         ``(row_loss, grad_student, grad_teachers, flags)``: ``row_loss`` float32 ``[N]`` (0 at
@@ -586,13 +598,14 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
     has_ignore = _INT64_MIN <= ignore <= _INT64_MAX  # else no int64 target can equal it
     need_mask = sum(1 << i for i, n in enumerate(need_t) if n)
 
-    block, warps = _launch_config(vocab, nt, int(div), device.type == "cpu")
+    launch_opts = launch_config(vocab, nt, int(div), need_mask != 0, device.type == "cpu")
     if block_v is not None:
         block = int(block_v)
         if block < 2 or block & (block - 1):
             raise ValueError(f"block_v must be a power of two >= 2, got {block_v}")
+        launch_opts["BLOCK_V"] = block
     if num_warps is not None:
-        warps = int(num_warps)
+        launch_opts["num_warps"] = int(num_warps)
 
     # Unused pointer slots point at real tensors of the right dtype; constexpr flags keep the
     # kernel from touching them.
@@ -609,11 +622,11 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
         NT=nt, NT_PAD=max(2, triton.next_power_of_2(nt)), DIV=int(div),
         HAS_TARGET=target is not None, HAS_IGNORE=has_ignore, HARD=hard, SMOOTH=smooth,
         NEED_S=bool(need_s), NEED_T_MASK=need_mask, HAS_SCALE=scale is not None,
-        BLOCK_V=block, num_warps=warps,
+        **launch_opts,
     )
     if device.type == "cuda":
         with torch.cuda.device(device):
-            _logit_kd_kernel[(rows,)](*args, **meta)
+            launch(_logit_kd_kernel, (rows,), *args, **meta)
     else:
-        _logit_kd_kernel[(rows,)](*args, **meta)
+        launch(_logit_kd_kernel, (rows,), *args, **meta)
     return row_loss, grad_s, grad_t, flags

@@ -7,6 +7,10 @@ reduces them to row statistics; ``_grad_kernel`` (sweep 2) forms the loss partia
 weight tile W and accumulates W @ X for its BLOCK_D output columns, so dL/dG exists only as one
 register tile. A program covers BLOCK_D gradient columns; wider features use more programs per
 row block, each recomputing the Gram tiles (cheaper than holding a [BLOCK_M, d] accumulator).
+While rows x gradient-column blocks are fewer than 4 per SM (B = 1024: 32 row blocks), the
+column loop of both sweeps is split between programs (:func:`column_splits`) and the caller adds
+the partial sums. Float32 features: the Gram dots run as IEEE FMAs in k-steps of 8, and the
+W @ x dot over column tiles of 16, so that the float32 kernels do not spill.
 The teacher-side gradient is a second launch with the roles of the two sides swapped (SP and
 RKD are symmetric in them; PKT switches its formula with TEACHER).
 
@@ -18,11 +22,11 @@ The formulas and the final assembly are those of csrc/glue/relation.h (see the c
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fastkd._triton_aot import launch, sm_count
 
 SP, RKD, PKT = 0, 1, 2
 DIST_CLAMP = 1e-12
@@ -34,12 +38,10 @@ ANGLE_BLOCK = 32
 
 
 @triton.jit
-def _gram(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """G[i, j] = x_i . x_j for a BM x BN tile, float32 accumulation."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
+def _gram_steps(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D, acc, KS: tl.constexpr,
+                IEEE: tl.constexpr):
+    for k0 in range(0, D, KS):
+        ks = k0 + tl.arange(0, KS)
         km = ks < D
         a = tl.load(x_ptr + rows_i[:, None] * stride + ks[None, :],
                     mask=mask_i[:, None] & km[None, :], other=0.0)
@@ -49,6 +51,21 @@ def _gram(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D,
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _gram(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+          FK: tl.constexpr):
+    """G[i, j] = x_i . x_j for a BM x BN tile, float32 accumulation. IEEE float32 dots run as
+    FMAs, each thread holding its rows and columns over a whole k-step: steps of FK (8 on GPU;
+    at 32 the fp32 kernels needed 168-242 registers on sm_80), else BK."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if IEEE:
+        acc = _gram_steps(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D, acc, FK, True)
+    else:
+        acc = _gram_steps(x_ptr, stride, rows_i, rows_j, mask_i, mask_j, D, acc, BK, False)
     return acc
 
 
@@ -82,10 +99,17 @@ def _clamp_unit(r):
 
 @triton.jit
 def _stats_kernel(xs_ptr, xt_ptr, stride_s, stride_t, B, DS, DT, aux_s_ptr, aux_t_ptr,
-                  out_s_ptr, out_t_ptr, LOSS: tl.constexpr, IEEE_S: tl.constexpr,
-                  IEEE_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Sweep 1: SP row sums of G^2; RKD row sums of d (j != i); PKT row sums of c."""
+                  out_s_ptr, out_t_ptr, n_cols, LOSS: tl.constexpr, IEEE_S: tl.constexpr,
+                  IEEE_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  FK: tl.constexpr):
+    """Sweep 1: SP row sums of G^2; RKD row sums of d (j != i); PKT row sums of c.
+
+    Program (i, s) sums over the columns j in [s n_cols, (s + 1) n_cols) and writes its partial
+    sums to out[s, rows] (``[splits, B]``)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    j_lo = pid_s * n_cols
+    j_hi = tl.minimum(j_lo + n_cols, B)
     rows_i = pid * BM + tl.arange(0, BM)
     mask_i = rows_i < B
     rows_i = rows_i.to(tl.int64)
@@ -93,12 +117,12 @@ def _stats_kernel(xs_ptr, xt_ptr, stride_s, stride_t, B, DS, DT, aux_s_ptr, aux_
     ai_t = tl.load(aux_t_ptr + rows_i, mask=mask_i, other=0.0)
     acc_s = tl.zeros((BM,), dtype=tl.float32)
     acc_t = tl.zeros((BM,), dtype=tl.float32)
-    for j0 in range(0, B, BN):
+    for j0 in range(j_lo, j_hi, BN):
         rows_j = j0 + tl.arange(0, BN)
-        mask_j = rows_j < B
+        mask_j = rows_j < j_hi
         rows_j = rows_j.to(tl.int64)
-        gs = _gram(xs_ptr, stride_s, rows_i, rows_j, mask_i, mask_j, DS, BM, BN, BK, IEEE_S)
-        gt = _gram(xt_ptr, stride_t, rows_i, rows_j, mask_i, mask_j, DT, BM, BN, BK, IEEE_T)
+        gs = _gram(xs_ptr, stride_s, rows_i, rows_j, mask_i, mask_j, DS, BM, BN, BK, IEEE_S, FK)
+        gt = _gram(xt_ptr, stride_t, rows_i, rows_j, mask_i, mask_j, DT, BM, BN, BK, IEEE_T, FK)
         valid = mask_i[:, None] & mask_j[None, :]
         aj_s = tl.load(aux_s_ptr + rows_j, mask=mask_j, other=0.0)
         aj_t = tl.load(aux_t_ptr + rows_j, mask=mask_j, other=0.0)
@@ -114,25 +138,31 @@ def _stats_kernel(xs_ptr, xt_ptr, stride_s, stride_t, B, DS, DT, aux_s_ptr, aux_
             vt = 0.5 * (gt * ai_t[:, None] * aj_t[None, :] + 1.0)
         acc_s += tl.sum(tl.where(valid, vs, 0.0), axis=1)
         acc_t += tl.sum(tl.where(valid, vt, 0.0), axis=1)
-    tl.store(out_s_ptr + rows_i, acc_s, mask=mask_i)
-    tl.store(out_t_ptr + rows_i, acc_t, mask=mask_i)
+    tl.store(out_s_ptr + pid_s * B + rows_i, acc_s, mask=mask_i)
+    tl.store(out_t_ptr + pid_s * B + rows_i, acc_t, mask=mask_i)
 
 
 @triton.jit
 def _grad_kernel(xa_ptr, xb_ptr, stride_a, stride_b, B, DA, DB, aux_a_ptr, aux_b_ptr,
                  st_a_ptr, st_b_ptr, scale, eps, loss_ptr, red1_ptr, red2_ptr, red3_ptr,
-                 w_out_ptr, u_out_ptr, LOSS: tl.constexpr, TEACHER: tl.constexpr,
+                 w_out_ptr, u_out_ptr, n_cols, LOSS: tl.constexpr, TEACHER: tl.constexpr,
                  NEED_GRAD: tl.constexpr, IEEE_A: tl.constexpr, IEEE_B: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                 FK: tl.constexpr):
     """Sweep 2 for side a (the side whose gradient is formed; b is the other side).
 
     aux: SP inverse row norms of G, RKD squared norms, PKT 1/(||x|| + eps); st: RKD 1/mu (one
     float), PKT row sums of c (SP: unused). Writes the row loss partials and red1..3 (SP: a;
     RKD: a, rowsum V, rowsum U; PKT: b) from the programs with pid_d == 0, and W @ x_a (RKD
-    also U @ x_a) for the BD gradient columns of this program.
+    also U @ x_a) for the BD gradient columns of this program. Program (m, d, s) sums over the
+    columns j in [s n_cols, (s + 1) n_cols) only and writes its partial sums to split s of every
+    output (``[splits, B]``, ``[splits, B, DA]``).
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    j_lo = pid_s * n_cols
+    j_hi = tl.minimum(j_lo + n_cols, B)
     rows_i = pid_m * BM + tl.arange(0, BM)
     mask_i = rows_i < B
     rows_i = rows_i.to(tl.int64)
@@ -152,12 +182,12 @@ def _grad_kernel(xa_ptr, xb_ptr, stride_a, stride_b, B, DA, DB, aux_a_ptr, aux_b
     red1 = tl.zeros((BM,), dtype=tl.float32)
     red2 = tl.zeros((BM,), dtype=tl.float32)
     red3 = tl.zeros((BM,), dtype=tl.float32)
-    for j0 in range(0, B, BN):
+    for j0 in range(j_lo, j_hi, BN):
         rows_j = j0 + tl.arange(0, BN)
-        mask_j = rows_j < B
+        mask_j = rows_j < j_hi
         rows_j = rows_j.to(tl.int64)
-        ga = _gram(xa_ptr, stride_a, rows_i, rows_j, mask_i, mask_j, DA, BM, BN, BK, IEEE_A)
-        gb = _gram(xb_ptr, stride_b, rows_i, rows_j, mask_i, mask_j, DB, BM, BN, BK, IEEE_B)
+        ga = _gram(xa_ptr, stride_a, rows_i, rows_j, mask_i, mask_j, DA, BM, BN, BK, IEEE_A, FK)
+        gb = _gram(xb_ptr, stride_b, rows_i, rows_j, mask_i, mask_j, DB, BM, BN, BK, IEEE_B, FK)
         valid = mask_i[:, None] & mask_j[None, :]
         aj = tl.load(aux_a_ptr + rows_j, mask=mask_j, other=0.0)
         bj = tl.load(aux_b_ptr + rows_j, mask=mask_j, other=0.0)
@@ -212,13 +242,14 @@ def _grad_kernel(xa_ptr, xb_ptr, stride_a, stride_b, B, DA, DB, aux_a_ptr, aux_b
             if LOSS == 1:
                 acc_u = tl.dot(tl.where(valid, u, 0.0), xj, acc_u, input_precision="ieee")
     first = mask_i & (pid_d == 0)
-    tl.store(loss_ptr + rows_i, loss, mask=first)
-    tl.store(red1_ptr + rows_i, red1, mask=first)
+    part = pid_s * B + rows_i
+    tl.store(loss_ptr + part, loss, mask=first)
+    tl.store(red1_ptr + part, red1, mask=first)
     if LOSS == 1:
-        tl.store(red2_ptr + rows_i, red2, mask=first)
-        tl.store(red3_ptr + rows_i, red3, mask=first)
+        tl.store(red2_ptr + part, red2, mask=first)
+        tl.store(red3_ptr + part, red3, mask=first)
     if NEED_GRAD:
-        out = rows_i[:, None] * DA + cols[None, :]
+        out = part[:, None] * DA + cols[None, :]
         omask = mask_i[:, None] & mask_d[None, :]
         tl.store(w_out_ptr + out, acc_w, mask=omask)
         if LOSS == 1:
@@ -322,43 +353,74 @@ def _ieee(x):
     # float32 features: IEEE float32 dots (TF32 would break the 1e-5 accuracy). bfloat16/float16
     # use native dots (tensor cores, exact products, float32 sums), except under the CPU
     # interpreter, whose bf16 tl.dot misreads its operands (triton 3.8): there they are upcast.
-    return x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return x.dtype == torch.float32 or x.device.type == "cpu"
+
+
+def _fma_k(device):
+    # k-step of the IEEE float32 Gram dots; the interpreter's cost is per tile operation
+    return BLOCK_K if device.type == "cpu" else 8
 
 
 def _block_d(d):
     return min(128, max(16, triton.next_power_of_2(max(d, 1))))
 
 
+def column_splits(other_blocks: int, b: int, sms: int):
+    """``(splits, columns per split)``: the j loop of ``_stats_kernel`` / ``_grad_kernel`` is
+    split between programs until the grid (``other_blocks`` = row blocks x gradient-column
+    blocks, times the splits) has at least 4 blocks per SM, e.g. B = 1024: 32 row blocks ->
+    16 splits of 64 columns (512 blocks). The partial sums (``[splits, B]``, and ``[splits, B,
+    d]`` for W @ x) are added by the caller; they stay under about 17 MB, as splitting only
+    happens while B x d is small."""
+    tiles = triton.cdiv(b, BLOCK_N)
+    want = min(tiles, max(1, triton.cdiv(4 * sms, other_blocks)))
+    per = triton.cdiv(tiles, want)
+    return triton.cdiv(tiles, per), per * BLOCK_N
+
+
 def _stats(loss_id, xs, xt, aux_s, aux_t):
     b = xs.shape[0]
-    out_s = torch.empty(b, dtype=torch.float32, device=xs.device)
-    out_t = torch.empty_like(out_s)
-    grid = (triton.cdiv(b, BLOCK_M),)
-    _stats_kernel[grid](xs, xt, xs.stride(0), xt.stride(0), b, xs.shape[1], xt.shape[1],
-                        aux_s, aux_t, out_s, out_t, LOSS=loss_id, IEEE_S=_ieee(xs),
-                        IEEE_T=_ieee(xt), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
-    return out_s, out_t
+    row_blocks = triton.cdiv(b, BLOCK_M)
+    splits, n_cols = column_splits(row_blocks, b, sm_count(xs.device))
+    out = torch.empty(2, splits, b, dtype=torch.float32, device=xs.device)
+    launch(_stats_kernel, (row_blocks, splits), xs, xt, xs.stride(0), xt.stride(0), b,
+           xs.shape[1], xt.shape[1], aux_s, aux_t, out[0], out[1], n_cols, LOSS=loss_id,
+           IEEE_S=_ieee(xs), IEEE_T=_ieee(xt), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+           FK=_fma_k(xs.device))
+    sums = out.sum(1) if splits > 1 else out[:, 0]
+    return sums[0], sums[1]
 
 
 def _sweep2(loss_id, xa, xb, aux_a, aux_b, st_a, st_b, scale, eps, need_grad, teacher):
     """Returns (row_loss, red1, red2, red3, W @ xa or None, U @ xa or None)."""
     b, da = xa.shape
     f32 = dict(dtype=torch.float32, device=xa.device)
-    row_loss, red1, red2, red3 = torch.empty(4, b, **f32)
-    w_out = torch.empty(b, da, **f32) if need_grad else row_loss
-    u_out = torch.empty(b, da, **f32) if need_grad and loss_id == RKD else row_loss
-    st_a = row_loss if st_a is None else st_a
-    st_b = row_loss if st_b is None else st_b
     bd = _block_d(da)
-    grid = (triton.cdiv(b, BLOCK_M), triton.cdiv(da, bd) if need_grad and da > 0 else 1)
-    _grad_kernel[grid](xa, xb, xa.stride(0), xb.stride(0), b, da, xb.shape[1], aux_a, aux_b,
-                       st_a, st_b, float(scale), float(eps), row_loss, red1, red2, red3,
-                       w_out, u_out, LOSS=loss_id, TEACHER=teacher, NEED_GRAD=need_grad,
-                       IEEE_A=_ieee(xa), IEEE_B=_ieee(xb), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-                       BD=bd, num_warps=8)  # 8 warps: no register spills at BD = 128 (sm_90)
+    row_blocks = triton.cdiv(b, BLOCK_M)
+    d_blocks = triton.cdiv(da, bd) if need_grad and da > 0 else 1
+    splits, n_cols = column_splits(row_blocks * d_blocks, b, sm_count(xa.device))
+    # float32 features on GPU: column tiles of 16, as W @ x_a is an FMA dot over them (at 32,
+    # the float32 kernels spilled 8-32 bytes at 128 registers).
+    bn = BLOCK_N // 2 if xa.device.type != "cpu" and (_ieee(xa) or _ieee(xb)) else BLOCK_N
+    rows = torch.empty(4, splits, b, **f32)  # row loss, red1, red2, red3 per split
+    w_out = torch.empty(splits, b, da, **f32) if need_grad else rows
+    u_out = torch.empty(splits, b, da, **f32) if need_grad and loss_id == RKD else rows
+    st_a = rows if st_a is None else st_a
+    st_b = rows if st_b is None else st_b
+    launch(_grad_kernel, (row_blocks, d_blocks, splits), xa, xb, xa.stride(0), xb.stride(0), b,
+           da, xb.shape[1], aux_a, aux_b, st_a, st_b, float(scale), float(eps), rows[0],
+           rows[1], rows[2], rows[3], w_out, u_out, n_cols, LOSS=loss_id, TEACHER=teacher,
+           NEED_GRAD=need_grad, IEEE_A=_ieee(xa), IEEE_B=_ieee(xb), BM=BLOCK_M, BN=bn,
+           BK=BLOCK_K, BD=bd, FK=_fma_k(xa.device),
+           num_warps=8)  # 8 warps: no register spills at BD = 128 (sm_90)
+
+    def total(x):
+        return x.sum(0) if splits > 1 else x[0]
+    row_loss, red1, red2, red3 = total(rows.transpose(0, 1))
     if not need_grad:
         return row_loss, red1, red2, red3, None, None
-    return row_loss, red1, red2, red3, w_out, (u_out if loss_id == RKD else None)
+    return (row_loss, red1, red2, red3, total(w_out),
+            total(u_out) if loss_id == RKD else None)
 
 
 def _features(x):
@@ -456,10 +518,10 @@ def rkd_forward(student, teacher, need_s, need_t, *, distance_scale, angle_scale
         nblk = triton.cdiv(b, ANGLE_BLOCK)
         loss_part = torch.empty(nblk, b, **f32)
         if need_s or need_t:
-            _angle_t_kernel[(nblk, nblk)](g_s, g_t, rd_s, rd_t, t_s, t_t, b, float(angle_scale),
+            launch(_angle_t_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, t_s, t_t, b, float(angle_scale),
                                           NEED_S=need_s, NEED_T=need_t, BI=ANGLE_BLOCK,
                                           BK=ANGLE_BLOCK)
-        _angle_r_kernel[(nblk, nblk)](g_s, g_t, rd_s, rd_t, r_s, e_s, r_t, e_t, loss_part, b,
+        launch(_angle_r_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, r_s, e_s, r_t, e_t, loss_part, b,
                                       float(angle_scale), NEED_S=need_s, NEED_T=need_t,
                                       BJ=ANGLE_BLOCK, BI=ANGLE_BLOCK)
         loss = loss + loss_part.sum(dtype=torch.float64) * angle_scale
