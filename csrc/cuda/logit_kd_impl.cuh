@@ -410,7 +410,7 @@ struct RowKD {
   // between barriers. Loops over the teachers that only read it run over the run-time count; the
   // per-thread accumulators (pass-1 online statistics, pass-2 S_i parts) are register arrays that
   // only loops unrolled over kMaxTeachers (guarded by i < nt) touch. A per-thread array indexed at
-  // run time would live in local memory (736 bytes of stack per thread, read in the inner loops).
+  // run time would live in local memory (a stack frame per thread, read in the inner loops).
   static constexpr int kTabStride = 10;  // words per teacher, see the tab_* accessors
   static constexpr int kTabOffset = red_floats<Group::kSize, kRedK>();
   // A multiple of 16 bytes, as ptxas allocates it: the launcher's shared-memory budget uses it.
