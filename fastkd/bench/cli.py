@@ -29,16 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(how and why: docs/BENCHMARKING.md).")
     p.add_argument("--suite", default="logit",
                    help="logit | fused-linear | feature | relation | all, or a comma list "
-                        "(default: logit; suites whose fastkd class is missing are skipped "
-                        "with a line saying so)")
+                        "(default: logit; scripts/bench.sh runs all; suites whose fastkd "
+                        "class is missing are skipped with a line saying so)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None,
                    help="comma list of float32, bfloat16, float16 (default: per suite and "
                         "device, e.g. float32 on CPU; bfloat16,float32 for logit KD on CUDA)")
     p.add_argument("--sizes", choices=("demo", "quick", "full"), default="quick",
-                   help="demo (one config per suite: `--suite all --sizes demo` shows every "
-                        "loss family in under 2 minutes on 2 CPU cores), quick (two or more "
+                   help="demo (one config per suite, two for relation: `--suite all --sizes "
+                        "demo` shows every loss family in under 2 minutes on 2 CPU cores), "
+                        "quick (two or more "
                         "configs per suite, a few minutes) or full (the sizes of "
                         "docs/BENCHMARKING.md; meant for a GPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
