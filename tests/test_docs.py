@@ -112,18 +112,27 @@ def test_readme_links_docs(doc):
         f"README.md does not link {target}"
 
 
-def test_readme_anchors_exist():
-    """Every ``docs/X.md#anchor`` link of the README names a heading of that file (GitHub's
-    anchor rule: lower case, punctuation dropped, spaces to hyphens)."""
-    readme = README.read_text(encoding="utf-8")
+def _anchors(path: pathlib.Path) -> set:
+    """The anchors GitHub gives the headings of ``path``: lower case, punctuation dropped,
+    spaces to hyphens."""
+    headings = re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*$", path.read_text(encoding="utf-8"),
+                          re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_anchors_exist():
+    """Every ``docs/X.md#anchor`` link of the README, and every ``#anchor`` link inside the docs,
+    names a heading of its file."""
     bad = []
-    for path, anchor in re.findall(r"\]\((docs/[^)#]+\.md)#([^)]+)\)", readme):
-        headings = re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*$", (ROOT / path).read_text(
-            encoding="utf-8"), re.MULTILINE)
-        anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
-        if anchor not in anchors:
-            bad.append(f"{path}#{anchor}")
-    assert not bad, f"README links to anchors that do not exist: {bad}"
+    for path, anchor in re.findall(r"\]\((docs/[^)#]+\.md)#([^)]+)\)",
+                                   README.read_text(encoding="utf-8")):
+        if anchor not in _anchors(ROOT / path):
+            bad.append(f"README.md -> {path}#{anchor}")
+    for doc in (SPEC, BENCHMARKING):
+        for anchor in re.findall(r"\]\(#([^)]+)\)", doc.read_text(encoding="utf-8")):
+            if anchor not in _anchors(doc):
+                bad.append(f"{doc.name} -> #{anchor}")
+    assert not bad, f"links to anchors that do not exist: {bad}"
 
 
 def test_readme_demo_shows_every_family():
