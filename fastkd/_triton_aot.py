@@ -305,8 +305,9 @@ def _feature_launches(rec):
                     rec.label = base + " none"
                     fk.feature_kd_forward(x3, t3, w, b, loss_id, 1.0, None, True, False, False,
                                           False, False, 0, dot_precision=prec)
-                    fk.feature_kd_forward(x3, t3, w, b, loss_id, 1.0, _meta((p * q,), torch.float32),
-                                          False, True, True, True, False, 0, dot_precision=prec)
+                    row_scale = _meta((p * q,), torch.float32)
+                    fk.feature_kd_forward(x3, t3, w, b, loss_id, 1.0, row_scale, False, True,
+                                          True, True, False, 0, dot_precision=prec)
                     if ds == dt or layout == "rows":
                         # no adapter: y = x (teacher and student widths equal)
                         rec.label = base + " no-adapter"

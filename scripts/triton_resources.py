@@ -37,7 +37,10 @@ Columns: regs = registers per thread; spill = spill stores / loads (bytes per th
 stack = stack frame bytes; smem = shared memory (bytes, dynamic + static); blk/SM = resident
 blocks per SM from registers, threads and shared memory (A100: 108 SMs, H100: 132 SMs);
 grid = blocks of the smallest / largest launch at the benchmark sizes; SMs busy = share of the
-SMs the smallest launch occupies; TC = tensor-core instructions in the PTX (mma / wgmma).
+SMs the smallest launch occupies; TC = tensor-core instructions in the PTX (mma / wgmma);
+maxnreg = the register budget passed to ptxas (`-` = its own choice). `_feature_fwd_kernel`
+PHASE=1 without gradients (cosine loss of `reduction="none"`) is one program per 64 rows that
+reads three floats per row.
 """
 
 
@@ -52,7 +55,10 @@ def summary(rows):
     """Per kernel and target: ranges of registers, spills, occupancy, grid."""
     groups = collections.OrderedDict()
     for r in rows:
-        groups.setdefault((r["kernel"], r["target"]), []).append(r)
+        # the forward feature kernel's two phases are different programs (grid, work)
+        phase = r["constexprs"].get("PHASE")
+        name = r["kernel"] if phase is None else f"{r['kernel']} PHASE={phase}"
+        groups.setdefault((name, r["target"]), []).append(r)
     lines = ["| kernel | target | configs | warps | regs | max spill (st/ld) | max stack | "
              "smem | blk/SM | smallest grid | SMs busy | TC |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,9 +85,9 @@ def summary(rows):
 
 
 def full_table(rows):
-    lines = ["| # | kernel | target | constexprs | pointer dtypes | warps | stages | regs | "
-             "spill st/ld | stack | smem | blk/SM | grid | SMs busy | TC | selected by |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| # | kernel | target | constexprs | pointer dtypes | warps | stages | maxnreg | "
+             "regs | spill st/ld | stack | smem | blk/SM | grid | SMs busy | TC | selected by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         const = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         labels = "; ".join(r["labels"][:3]) + (f"; +{len(r['labels']) - 3}"
@@ -89,11 +95,11 @@ def full_table(rows):
         if "error" in r:
             err = r["error"].strip().splitlines()[-1][:120]
             lines.append(f"| {i} | {r['kernel']} | {r['target']} | {const} | "
-                         f"{r['pointer_dtypes']} | FAILED: {err} ||||||||| {labels} |")
+                         f"{r['pointer_dtypes']} | FAILED: {err} |||||||||| {labels} |")
             continue
         lines.append(
             f"| {i} | {r['kernel']} | {r['target']} | {const} | {r['pointer_dtypes']} | "
-            f"{r['num_warps']} | {r['num_stages']} | {r['regs']} | "
+            f"{r['num_warps']} | {r['num_stages']} | {r['maxnreg'] or '-'} | {r['regs']} | "
             f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | "
             f"{r['shared'] + r['static_smem']} | {r['blocks_per_sm']} | {_fmt_grid(r)} | "
             f"{r.get('sm_fill', '-')} | {r['tensor_cores']} | {labels} |")

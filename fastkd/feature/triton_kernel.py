@@ -329,8 +329,10 @@ def column_splits(row_blocks: int, teacher_dim: int, bn: int, sms: int):
     """``(splits, columns per split)`` of the forward grid ``(row_blocks, splits)``.
 
     A chunk of 4096 rows is 64 row blocks, under half of an H100's 132 SMs; the teacher channels
-    are therefore split between programs until the grid has at least 4 blocks per SM (or every
-    program has one ``bn`` tile). Each split re-reads its rows of x (from L2).
+    are therefore split between programs, in equal numbers of ``bn`` tiles, aiming at 4 blocks
+    per SM (at least 2, unless every program is down to one tile): 4096 rows x 4096 channels
+    on 132 SMs -> 8 splits of 512 channels, 512 blocks. Each split re-reads its rows of x
+    (from L2).
     """
     tiles = triton.cdiv(teacher_dim, bn)
     want = min(tiles, max(1, triton.cdiv(4 * sms, row_blocks)))

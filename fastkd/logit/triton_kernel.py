@@ -480,7 +480,7 @@ def _interpreting() -> bool:
 
 #: Register budget per thread on GPU (PTX ``.maxnreg``): 4-warp blocks at <= 128 registers keep
 #: at least 4 blocks (16 warps) per SM. Without it ptxas picks its own occupancy targets (80 or
-#: 96 registers on sm_80) and spills 4-48 bytes to reach them.
+#: 96 registers at 8 warps) and spills a few bytes (4-34) to reach them.
 MAX_REGISTERS = 128
 
 
@@ -506,7 +506,7 @@ def launch_config(vocab: int, num_teachers: int, divergence: int, teacher_grad: 
     else:
         per_thread = 8
     block = min(block, 128 * per_thread)
-    return {"BLOCK_V": block, "num_warps": max(1, min(4, block // 256)),
+    return {"BLOCK_V": block, "num_warps": max(1, min(4, block // (32 * per_thread))),
             "maxnreg": MAX_REGISTERS}
 
 

@@ -367,9 +367,10 @@ def _block_d(d):
 
 def column_splits(other_blocks: int, b: int, sms: int):
     """``(splits, columns per split)``: the j loop of ``_stats_kernel`` / ``_grad_kernel`` is
-    split between programs until the grid (``other_blocks`` = row blocks x gradient-column
-    blocks, times the splits) has at least 4 blocks per SM, e.g. B = 1024: 32 row blocks ->
-    16 splits of 64 columns (512 blocks). The partial sums (``[splits, B]``, and ``[splits, B,
+    split between programs, in equal numbers of column tiles, aiming at 4 blocks per SM (at
+    least 2, unless every program is down to one tile) for the grid ``other_blocks`` (row
+    blocks x gradient-column blocks) x splits, e.g. B = 1024 on 132 SMs: 32 row blocks -> 16
+    splits of 64 columns (512 blocks). The partial sums (``[splits, B]``, and ``[splits, B,
     d]`` for W @ x) are added by the caller; they stay under about 17 MB, as splitting only
     happens while B x d is small."""
     tiles = triton.cdiv(b, BLOCK_N)
@@ -518,12 +519,12 @@ def rkd_forward(student, teacher, need_s, need_t, *, distance_scale, angle_scale
         nblk = triton.cdiv(b, ANGLE_BLOCK)
         loss_part = torch.empty(nblk, b, **f32)
         if need_s or need_t:
-            launch(_angle_t_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, t_s, t_t, b, float(angle_scale),
-                                          NEED_S=need_s, NEED_T=need_t, BI=ANGLE_BLOCK,
-                                          BK=ANGLE_BLOCK)
-        launch(_angle_r_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, r_s, e_s, r_t, e_t, loss_part, b,
-                                      float(angle_scale), NEED_S=need_s, NEED_T=need_t,
-                                      BJ=ANGLE_BLOCK, BI=ANGLE_BLOCK)
+            launch(_angle_t_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, t_s, t_t, b,
+                   float(angle_scale), NEED_S=need_s, NEED_T=need_t, BI=ANGLE_BLOCK,
+                   BK=ANGLE_BLOCK)
+        launch(_angle_r_kernel, (nblk, nblk), g_s, g_t, rd_s, rd_t, r_s, e_s, r_t, e_t,
+               loss_part, b, float(angle_scale), NEED_S=need_s, NEED_T=need_t, BJ=ANGLE_BLOCK,
+               BI=ANGLE_BLOCK)
         loss = loss + loss_part.sum(dtype=torch.float64) * angle_scale
         for side, (t, r, e, rd, x) in enumerate(((t_s, r_s, e_s, rd_s, xs),
                                                  (t_t, r_t, e_t, rd_t, xt))):
