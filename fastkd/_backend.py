@@ -1,9 +1,10 @@
-"""The one backend-selection mechanism shared by every fastkd loss.
+"""The one backend-selection mechanism shared by every fastkd loss, and its dtype policy.
 
 ``backend="auto"`` picks, for the device of the inputs: the CUDA extension on CUDA tensors if it
 was built, else Triton on CUDA tensors, else the C++ CPU kernels on CPU tensors, else the pure
-PyTorch reference. A forced backend that cannot serve the inputs raises ``RuntimeError`` saying why;
-there is never a silent fallback.
+PyTorch reference. The fused kernels take float32, bfloat16 and float16
+(:data:`fastkd._dtypes.KERNEL_DTYPES`); float64 inputs run on the reference under ``"auto"``. A forced backend that cannot serve the
+inputs raises ``RuntimeError`` saying why; there is never a silent fallback.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import torch
 
 from fastkd import _ext
+from fastkd._dtypes import KERNEL_DTYPES
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _CHOICES = ("auto",) + BACKENDS
@@ -88,6 +90,32 @@ def resolve_backend(backend: str, device: torch.device, implemented=BACKENDS) ->
     if why is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {why}")
     return backend
+
+
+def select_backend(backend, device: torch.device, dtypes, *, what: str, ext_ops=()) -> str:
+    """The backend that runs a loss call: :func:`resolve_backend`, then the dtype policy.
+
+    ``dtypes``: the dtypes of the inputs; one outside ``KERNEL_DTYPES`` (float64) means the
+    reference under ``"auto"`` and a ``RuntimeError`` for a forced fused backend (``what`` names
+    the inputs in the message). ``ext_ops``: the functions of the compiled extension this loss
+    needs; an extension built without them cannot serve ``cpu``/``cuda``.
+    """
+    backend = check_backend_name(backend)
+    implemented = BACKENDS
+    missing = [op for op in ext_ops if _ext._C is not None and not hasattr(_ext._C, op)]
+    if missing:
+        implemented = ("triton", "reference")
+        if backend in ("cpu", "cuda"):
+            raise RuntimeError(f"backend={backend!r} is unavailable: the compiled extension "
+                               f"fastkd._C was built without {', '.join(missing)} (rebuild "
+                               f"fastkd)")
+    name = resolve_backend(backend, device, implemented)
+    if name != "reference" and any(d not in KERNEL_DTYPES for d in dtypes):
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 {what}; "
+                               f"use backend='reference' for float64")
+        name = "reference"
+    return name
 
 
 def available_backends() -> dict:

@@ -5,8 +5,9 @@ import math
 
 import torch
 
+from fastkd._dtypes import FLOAT_DTYPES
+
 REDUCTIONS = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_reduction(reduction) -> str:

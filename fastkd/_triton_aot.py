@@ -2,10 +2,10 @@
 
 Three parts:
 
-1. **Launch routing.** Every Triton launch of fastkd goes through :func:`launch`. Inside
-   :func:`recording`, ``launch`` records ``(kernel, grid, arguments, meta)`` instead of launching,
-   and :func:`sm_count` reports the streaming-multiprocessor count of the GPU being modelled.
-   The launchers accept ``meta``-device tensors (shapes, strides and dtypes without storage), so
+1. **Launch recording.** Every Triton launch of fastkd goes through
+   :func:`fastkd._triton_launch.launch`. Inside :func:`fastkd._triton_launch.recording` it
+   records ``(kernel, grid, arguments, meta)`` instead of launching, and ``sm_count`` reports
+   the streaming-multiprocessor count of the GPU being modelled. The launchers accept ``meta``-device tensors (shapes, strides and dtypes without storage), so
    :func:`enumerate_launches` drives the real dispatch code at the benchmark sizes
    (``fastkd/bench/suite_*.py``) and gets exactly the configurations it would pick on a GPU.
 2. **Compilation.** :func:`compile_all` compiles each distinct configuration for each target
@@ -42,6 +42,8 @@ import traceback
 
 import torch
 
+from fastkd._triton_launch import _encode, recording
+
 # ----------------------------------------------------------------------------------------------
 # Target GPUs: the limits that decide occupancy (CUDA C Programming Guide, compute capabilities).
 # ----------------------------------------------------------------------------------------------
@@ -77,77 +79,6 @@ def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> int:
     if shared > lim.smem_per_block:
         by_smem = 0
     return max(0, min(by_regs, by_threads, lim.max_blocks_per_sm, by_smem))
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Launch routing and recording
-# ----------------------------------------------------------------------------------------------
-class _Recorder:
-    def __init__(self, sm: int):
-        self.sm = sm
-        self.label = ""
-        self.launches: list = []
-
-    def add(self, kernel, grid, args, meta):
-        fn = getattr(kernel, "fn", kernel)
-        self.launches.append((f"{fn.__module__}:{fn.__name__}", tuple(int(g) for g in grid),
-                              _encode(args)["tuple"], dict(meta), self.label))
-
-
-_RECORDER: _Recorder | None = None
-
-
-def launch(kernel, grid, *args, **meta):
-    """``kernel[grid](*args, **meta)``, or record it inside :func:`recording`."""
-    rec = _RECORDER
-    if rec is None:
-        return kernel[grid](*args, **meta)
-    rec.add(kernel, grid, args, meta)
-    return None
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the modelled GPU's while recording; 1 on CPU)."""
-    if _RECORDER is not None:
-        return _RECORDER.sm
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None
-                              else torch.cuda.current_device())
-    return 1
-
-
-_SM_CACHE: dict = {}
-
-
-def _cuda_sm_count(index: int) -> int:
-    if index not in _SM_CACHE:
-        _SM_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_CACHE[index]
-
-
-@contextlib.contextmanager
-def recording(sm: int):
-    """Record launches (of launchers fed ``meta`` tensors) instead of running them."""
-    global _RECORDER
-    if _RECORDER is not None:
-        raise RuntimeError("recording() does not nest")
-    _RECORDER = _Recorder(sm)
-    try:
-        yield _RECORDER
-    finally:
-        _RECORDER = None
-
-
-def _encode(x):
-    """Launch arguments as JSON-able specs; tensors become pointer specs (dtype, byte offset)."""
-    if isinstance(x, torch.Tensor):
-        return {"ptr": str(x.dtype).replace("torch.", ""),
-                "offset": x.storage_offset() * x.element_size()}
-    if isinstance(x, (tuple, list)):
-        return {"tuple": [_encode(v) for v in x]}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    raise TypeError(f"cannot record a launch argument of type {type(x).__name__}")
 
 
 def _int_class(v: int):
@@ -242,7 +173,7 @@ def _meta(shape, dtype):
 def _logit_launches(rec):
     from fastkd.bench import suite_fused_linear, suite_logit
     from fastkd.logit import triton_kernel as lk
-    from fastkd.logit.autograd import LogitKDConfig
+    from fastkd.logit.config import LogitKDConfig
     grid, _ = suite_logit.SIZES[("cuda", "full")]
     fl_grid, fl_dtypes = suite_fused_linear.SIZES[("cuda", "full")]
     cases = [(n, v, "bench") for n, v in grid] + [(bt, v, "fused-linear") for bt, _, v in fl_grid]

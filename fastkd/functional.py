@@ -1,10 +1,13 @@
 """Functional forms of the fastkd losses (``torch.nn.functional`` style)."""
 from __future__ import annotations
 
-from fastkd import distributed as _distributed
-from fastkd.feature import autograd as _feature
-from fastkd.logit import autograd as _logit
-from fastkd.relation import autograd as _relation
+from fastkd.feature import ops as _feature
+from fastkd.logit import fused_linear as _fused_linear
+from fastkd.logit import ops as _logit
+from fastkd.logit import vocab_parallel as _vocab_parallel
+from fastkd.logit.config import LogitKDConfig
+from fastkd.relation import ops as _relation
+from fastkd.relation.gather import gather_features
 
 feature_kd_loss = _feature.feature_kd_loss
 
@@ -14,18 +17,14 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          *, teacher_topk=None, chunk_size=None, temperature=1.0, soft_weight=1.0,
                          hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True,
                          ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                         backend="auto"):
+                         teacher_weights=None, backend="auto", process_group=None):
     r"""Logit KD with the lm_head fused in (no ``N x V`` logits held); see
     :class:`fastkd.FusedLinearKDLoss` for the arguments and formula."""
-    from fastkd.logit.fused_linear import fused_linear_kd_loss as impl
-    return impl(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                student_bias, teacher_bias, teacher_logits, teacher_topk=teacher_topk,
-                chunk_size=chunk_size, temperature=temperature, soft_weight=soft_weight,
-                hard_weight=hard_weight, divergence=divergence, beta=beta, t2_scale=t2_scale,
-                ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-                backend=backend)
-
-
+    return _fused_linear.fused_linear_kd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
+        teacher_bias, teacher_logits, cfg=LogitKDConfig.pick(locals()),
+        teacher_topk=teacher_topk, teacher_weights=teacher_weights, backend=backend,
+        chunk_size=chunk_size, process_group=process_group)
 
 
 def sp_loss(student_features, teacher_features, *, reduction="mean", backend="auto",
@@ -34,9 +33,9 @@ def sp_loss(student_features, teacher_features, *, reduction="mean", backend="au
 
     ``gather``: ``True`` (the default ``torch.distributed`` group, when initialised) or a
     process group: compute the loss over the global batch, all-gathered with gradient (see
-    :func:`fastkd.distributed.gather_rows`). Default: False.
+    :func:`fastkd.relation.gather.gather_rows`). Default: False.
     """
-    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    s, t = gather_features(student_features, teacher_features, gather)
     return _relation.sp_loss(s, t, reduction=reduction, backend=backend)
 
 
@@ -46,7 +45,7 @@ def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_w
 
     ``gather``: as in :func:`sp_loss`.
     """
-    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    s, t = gather_features(student_features, teacher_features, gather)
     return _relation.rkd_loss(s, t, distance_weight=distance_weight, angle_weight=angle_weight,
                               reduction=reduction, backend=backend)
 
@@ -57,7 +56,7 @@ def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", 
 
     ``gather``: as in :func:`sp_loss`.
     """
-    s, t = _distributed.gather_features(student_features, teacher_features, gather)
+    s, t = gather_features(student_features, teacher_features, gather)
     return _relation.pkt_loss(s, t, eps=eps, reduction=reduction, backend=backend)
 
 
@@ -76,27 +75,22 @@ def kd_loss(student_logits, teacher_logits=None, target=None, *, temperature=1.0
         target: optional ``[*]`` integer class indices for the hard cross-entropy term.
         process_group: vocabulary-parallel KD over this ``torch.distributed`` group (the logits
             are this rank's vocabulary shard; see
-            :func:`fastkd.distributed.vocab_parallel_kd_loss`).
+            :func:`fastkd.logit.vocab_parallel.vocab_parallel_kd_loss`).
         (the keyword arguments are those of :class:`fastkd.KDLoss`)
 
     Returns:
         float32 scalar (``"mean"``/``"sum"``) or ``[*]`` row losses (``"none"``).
     """
-    if process_group is not None and _distributed.is_parallel(process_group):
+    cfg = LogitKDConfig.pick(locals())
+    if _vocab_parallel.is_parallel(process_group):
         if teacher_topk is not None:
             raise ValueError("teacher_topk is not supported with a process_group "
                              "(vocabulary-parallel KD takes sharded teacher logits)")
-        return _distributed.vocab_parallel_kd_loss(
-            student_logits, teacher_logits, target, process_group=process_group,
-            temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-            divergence=divergence, beta=beta, t2_scale=t2_scale, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction,
-            teacher_weights=teacher_weights, backend=backend)
-    return _logit.kd_loss(student_logits, teacher_logits, target, temperature=temperature,
-                          soft_weight=soft_weight, hard_weight=hard_weight,
-                          divergence=divergence, beta=beta, t2_scale=t2_scale,
-                          ignore_index=ignore_index, label_smoothing=label_smoothing,
-                          reduction=reduction, teacher_weights=teacher_weights, backend=backend,
+        return _vocab_parallel.sharded_kd_loss(student_logits, teacher_logits, target, cfg,
+                                               process_group=process_group,
+                                               teacher_weights=teacher_weights, backend=backend)
+    return _logit.kd_loss(student_logits, teacher_logits, target, cfg,
+                          teacher_weights=teacher_weights, backend=backend,
                           teacher_topk=teacher_topk)
 
 

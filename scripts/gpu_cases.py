@@ -171,7 +171,7 @@ def logit_cases():
 def _feature_case(layout, tdt, gdt, loss):
     """Teacher dtype tdt picks the kernel's T; the dL/dy dtype G is the student (= adapter)
     dtype when the GEMMs run in 16 bits, float32 otherwise (csrc/glue/feature.h)."""
-    from fastkd.feature.autograd import feature_kd_loss
+    from fastkd.feature.ops import feature_kd_loss
     kernel = f"{layout}_kernel<{CUDA_TYPE[tdt]}, {CUDA_TYPE[gdt]}>"
     name = f"feature-{layout}-t{str(tdt)[6:]}-g{str(gdt)[6:]}-{loss}"
 

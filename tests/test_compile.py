@@ -19,10 +19,10 @@ import torch
 import torch._dynamo.testing
 
 import fastkd
-from fastkd.feature import autograd as F
-from fastkd.logit import autograd as L
+from fastkd.feature import ops as F
+from fastkd.logit import ops as L
 from fastkd.logit import reference as LR
-from fastkd.relation import autograd as R
+from fastkd.relation import ops as R
 
 from _helpers import backends_for
 

@@ -23,7 +23,7 @@ import cuda_emulator
 import fastkd
 from fastkd import _ext
 from fastkd.functional import kd_loss
-from fastkd.relation import autograd as relation_autograd
+from fastkd.relation import ops as relation_ops
 
 from test_feature import _check as feature_check, _make as feature_make
 from test_logit import _case, _check as logit_check, _run as logit_run

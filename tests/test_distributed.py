@@ -186,7 +186,7 @@ def _vp_ignored(group, rank, splits):
 def _vp_kernel_convention(group, rank, splits):
     """vocab_parallel_kd_forward called per row chunk (as a fused-linear caller would), with the
     global "mean" scale, gives the row losses and shard gradients of the whole batch."""
-    from fastkd.logit.autograd import LogitKDConfig
+    from fastkd.logit.config import LogitKDConfig
     vocab = sum(splits)
     a, b = sum(splits[:rank]), sum(splits[:rank + 1])
     s, ts, tgt = _logit_data(6, (9,), vocab, 2, masks="common", target=True)

@@ -337,7 +337,7 @@ def _opcheck_args(reduction, kind):
     tl = torch.randn(6, 11, generator=g)
     y = torch.tensor([1, 2, -100, 4, 10, 0])
     lp, idx = torch.log_softmax(torch.randn(6, 11, generator=g), -1).topk(3)
-    cfg = fastkd.logit.autograd.LogitKDConfig(temperature=2.0, hard_weight=0.5,
+    cfg = fastkd.logit.config.LogitKDConfig(temperature=2.0, hard_weight=0.5,
                                               divergence="jsd", reduction=reduction)
     teacher = {"linear": (ht, wt, None, None, None, None),
                "logits": (None, None, None, tl, None, None),
@@ -363,7 +363,7 @@ def test_opcheck_topk_kd():
     lp, idx = torch.log_softmax(torch.randn(5, 13, generator=g), -1).topk(4)
     y = torch.tensor([0, -100, 3, 12, 5])
     for reduction in ("mean", "none"):
-        cfg = fastkd.logit.autograd.LogitKDConfig(temperature=1.5, hard_weight=0.3,
+        cfg = fastkd.logit.config.LogitKDConfig(temperature=1.5, hard_weight=0.3,
                                                   divergence="reverse_kl", reduction=reduction)
         torch.library.opcheck(logit_kd_topk_op, (s, idx, lp, y,
                                                  *cfg.as_args(), True))

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.relation import autograd as relation_autograd
+from fastkd.relation import ops as relation_ops
 from _helpers import backend_params, grad_tol, loss_tol, rel_err
 from test_stress import mixture_kappa
 
@@ -634,12 +634,12 @@ def check_relation_case(backend, device, case):
     tb, tv = lay_out(t, case["t_layout"])
     (sk, skv), (sr, srv) = leaves(sb, sv, case["s_dtype"], True)
     (tk, tkv), (tr, trv) = leaves(tb, tv, case["t_dtype"], case["teacher_grad"])
-    old = relation_autograd.TILE_ELEMS
-    relation_autograd.TILE_ELEMS = case["tile"]
+    old = relation_ops.TILE_ELEMS
+    relation_ops.TILE_ELEMS = case["tile"]
     try:
         loss = _relation_call(case, skv.to(device), tkv.to(device), backend)
     finally:
-        relation_autograd.TILE_ELEMS = old
+        relation_ops.TILE_ELEMS = old
     ref = _relation_call(case, srv, trv, "reference")
     assert loss.dtype == torch.float32 and loss.shape == ()
     assume(bool(torch.isfinite(ref)))

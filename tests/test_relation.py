@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _backend
-from fastkd.relation import autograd as R
+from fastkd.relation import ops as R
 from fastkd.relation import reference as ref
 from fastkd.relation.module import PKTLoss, RKDLoss, SPLoss
 
@@ -405,18 +405,20 @@ def test_bad_hyperparameters():
 
 def test_missing_relation_kernels_are_reported(monkeypatch):
     # An extension built before the relation kernels: auto falls back, a forced backend explains.
-    monkeypatch.setattr(R, "ext_has_relation_ops", lambda: False)
+    from fastkd import _ext
+    monkeypatch.setattr(_ext, "_C", object())
     monkeypatch.setattr(_backend, "_reason", lambda backend, device: None)
+    assert not R.ext_has_relation_ops()
     s = torch.randn(4, 3)
     assert R.select_backend("auto", s, s) in ("triton", "reference")
-    with pytest.raises(RuntimeError, match="no relation kernels"):
+    with pytest.raises(RuntimeError, match="built without relation_sp_forward"):
         R.select_backend("cpu", s, s)
 
 
 # ------------------------------------------------------------------------------------------ memory
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
-    from fastkd.relation import autograd as R
+    from fastkd.relation import ops as R
     b, d = 16384, 64
     torch.manual_seed(0)
     s = torch.randn(b, d, requires_grad=True)

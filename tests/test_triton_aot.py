@@ -249,7 +249,7 @@ def test_feature_forward_split_over_teacher_channels(monkeypatch, loss, reductio
     """Forward grid split over the teacher channels (3 splits, ragged last) = the reference."""
     _interpreter_or_skip()
     from fastkd.feature import triton_kernel as fk
-    from fastkd.feature.autograd import feature_kd_loss
+    from fastkd.feature.ops import feature_kd_loss
     from fastkd.feature.reference import feature_kd_reference
     calls = []
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from fastkd import _backend, _checks
-from fastkd.feature import autograd as _feature
+from fastkd.feature import ops as _feature
 
 
 def _check_dim(name: str, value) -> int:

@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd._triton_aot import launch, sm_count
+from fastkd._triton_launch import launch, sm_count
+from fastkd.feature.reference import COSINE_EPS
 
 _DOT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-COSINE_EPS = 1e-8
 
 
 @triton.jit
@@ -290,7 +290,7 @@ def gemm_operands(x_dtype, w_dtype, on_cpu: bool, precision=None):
     is float32 - exact for the half features. Float32 GEMMs follow torch's float32 matmul setting
     like ``nn.Linear`` (``precision`` overrides it): ``"ieee"`` (default) is full float32 on the
     CUDA cores, ``"tf32"`` uses TF32 tensor cores. Under autocast the caller has already cast the
-    weight to the autocast dtype (:func:`fastkd.feature.autograd.autocast_gemm_dtype`).
+    weight to the autocast dtype (:func:`fastkd.feature.ops.autocast_gemm_dtype`).
     """
     common = torch.promote_types(x_dtype, w_dtype)
     dot = _DOT_CODES.get(common, 0)

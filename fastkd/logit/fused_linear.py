@@ -1,7 +1,7 @@
 """Large-vocabulary logit KD with the lm_head fused (SPEC §1b): ``fastkd.FusedLinearKDLoss``.
 
 Scheme: rows are processed in chunks. For each chunk the student (and teacher) logits are one
-cuBLAS/MKL GEMM, the fused KD kernel of :mod:`fastkd.logit.autograd` (the same kernels as
+cuBLAS/MKL GEMM, the fused KD kernel of :mod:`fastkd.logit.ops` (the same kernels as
 ``KDLoss``, no second softmax-KL implementation) turns them into row losses and the gradient with
 respect to the logits, and two more GEMMs turn that gradient into the chunk's rows of
 ``grad student_hidden`` and its contribution to ``grad student_weight``. Only one chunk of logits
@@ -23,11 +23,13 @@ import functools
 
 import torch
 
-from fastkd import _backend, _checks, _ops
-from fastkd import distributed as _distributed
+from fastkd import _backend, _checks, _custom_op
+from fastkd._dtypes import work_dtype
 from fastkd._reduce import count_rows, reduce_rows
-from fastkd.logit import autograd as _logit
 from fastkd.logit import topk as _topk
+from fastkd.logit import vocab_parallel
+from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, as_rows, raise_flags
+from fastkd.logit.ops import KERNELS
 from fastkd.logit.reference import kd_rows_reference, kd_rows_topk_reference
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -105,8 +107,7 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
     wt_v = None if wt is None else wt[:vocab]
     bt_v = None if bt is None else bt[:vocab]
     single = plan.chunk >= n
-    rows_out = torch.empty(n, dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32,
-                           device=hs.device)
+    rows_out = torch.empty(n, dtype=work_dtype(hs), device=hs.device)
     flags = torch.zeros((), dtype=torch.int32, device=hs.device)
     g_hs = torch.empty_like(hs) if need[0] else None
     acc_ws = _Accumulator(ws.shape, ws.dtype, ws.device, single) if need[1] else None
@@ -130,7 +131,7 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
             if plan.teacher_kind == "linear":
                 t = _linear(ht[lo:hi], wt_v, bt_v)
             else:
-                t = _logit._as_rows(tl[lo:hi, :vocab])
+                t = as_rows(tl[lo:hi, :vocab])
             rows, gs, gts, fl = kernel(s, [t], tg, [1.0], cfg, grad_scale, need_s, [need_t])
             gt = gts[0] if need_t else None
             flags.bitwise_or_(fl.reshape(()).to(torch.int32))
@@ -163,15 +164,14 @@ def _forward_pass(plan, tgt, inputs, idx, lp, need):
     raising the kernels' data-dependent errors."""
     hs = inputs[0]
     count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
-    if hs.dtype == torch.float64:
-        count = count.double()  # float64 inputs (vocab-parallel path): exact 1/count
+    count = count.to(work_dtype(hs))  # float64 inputs (vocab-parallel path): exact 1/count
     deferred = plan.cfg.reduction == "none"
     grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
     rows, flags, grads = _run_chunks(plan, tgt, *inputs, idx, lp,
                                      [False] * 7 if deferred else list(need), grad_scale, None)
     bits = int(flags.item())
     if bits:
-        _logit.raise_flags(bits, plan.cfg.ignore_index, plan.vocab, False)
+        raise_flags(bits, plan.cfg.ignore_index, plan.vocab, False)
     return reduce_rows(rows, plan.cfg.reduction, rows.shape, count.to(rows.dtype)), grads
 
 
@@ -181,7 +181,7 @@ class _FusedLinearKD(torch.autograd.Function):
         need = list(ctx.needs_input_grad[4:11])
         loss, grads = _forward_pass(plan, tgt, (hs, ws, bs, ht, wt, bt, tl), idx, lp, need)
         deferred = plan.cfg.reduction == "none"
-        ctx.plan, ctx.need, ctx.deferred, ctx.consumed = plan, need, deferred, False
+        ctx.plan, ctx.need, ctx.deferred = plan, need, deferred
         if deferred:
             ctx.save_for_backward(tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp)
             return loss.reshape(plan.lead_shape)
@@ -190,12 +190,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.consumed:
-            raise RuntimeError(
-                "fastkd FusedLinearKDLoss: backward ran twice through the same graph; the "
-                "gradients are computed once in the forward pass and scaled in place, so "
-                "retain_graph=True with a second backward is not supported; recompute the loss.")
-        ctx.consumed = True
+        _custom_op.consume_once(ctx, "FusedLinearKDLoss")
         if ctx.deferred:
             saved = ctx.saved_tensors
             _, _, grads = _run_chunks(ctx.plan, *saved, ctx.need, None,
@@ -209,10 +204,8 @@ class _FusedLinearKD(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-# --- torch.library custom ops (the pattern of fastkd/_ops.py) for the single-process path.
-_CFG_SCHEMA = ("float temperature, float soft_weight, float hard_weight, str divergence, "
-               "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
-               "str reduction")
+# --- torch.library custom ops (the pattern of fastkd/_custom_op.py) for the single-process path.
+_CFG_SCHEMA = CONFIG_SCHEMA
 _INPUTS_SCHEMA = ("Tensor hs, Tensor ws, Tensor? bs, Tensor? ht, Tensor? wt, Tensor? bt, "
                   "Tensor? tl, Tensor? target, Tensor? idx, Tensor? lp")
 _PLAN_SCHEMA = "int chunk, int vocab, str kind, bool[] need, str backend"
@@ -223,18 +216,18 @@ FUSED_LINEAR_BWD_SCHEMA = (f"(Tensor grad_rows, {_INPUTS_SCHEMA}, {_CFG_SCHEMA},
                            f"{_PLAN_SCHEMA}) -> {_GRADS}")
 
 def _plan_from(cfg_args, chunk, vocab, kind, backend):
-    cfg = _logit.LogitKDConfig.from_args(cfg_args)
-    return _Plan(cfg, _logit.KERNELS[backend], chunk, vocab, kind, None)
+    cfg = LogitKDConfig.from_args(cfg_args)
+    return _Plan(cfg, KERNELS[backend], chunk, vocab, kind, None)
 
 
 def _grad_outputs(grads, inputs):
     """Gradients (None -> ``[0]`` placeholder), contiguous as the fake impl declares them."""
-    return tuple(_ops.placeholder(x if x is not None else inputs[0]) if g is None
+    return tuple(_custom_op.placeholder(x if x is not None else inputs[0]) if g is None
                  else g.contiguous() for g, x in zip(grads, inputs))
 
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::fused_linear_kd", mutates_args=(),
-                         schema=FUSED_LINEAR_SCHEMA, **_ops.host_sync_tags())
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::fused_linear_kd", mutates_args=(),
+                         schema=FUSED_LINEAR_SCHEMA, **_custom_op.host_sync_tags())
 def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     """``fastkd::fused_linear_kd``: the chunked lm_head GEMMs + fused KD kernel of ``backend``.
 
@@ -247,7 +240,7 @@ def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     inputs = (hs, ws, bs, ht, wt, bt, tl)
     if kind == "topk":
         _topk.check_topk_data(idx, lp, vocab)
-    with _ops.kernel_context(hs.device):
+    with _custom_op.kernel_context(hs.device):
         loss, grads = _forward_pass(plan, target, inputs, idx, lp, need)
     return (loss,) + _grad_outputs(grads, inputs)
 
@@ -258,17 +251,17 @@ def _fused_linear_fake(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     loss = hs.new_empty((hs.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     inputs = (hs, ws, bs, ht, wt, bt, tl)
     return (loss,) + tuple(x.new_empty(x.shape) if (n and reduction != "none" and x is not None)
-                           else _ops.placeholder(x if x is not None else hs)
+                           else _custom_op.placeholder(x if x is not None else hs)
                            for x, n in zip(inputs, need))
 
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::fused_linear_kd_backward", mutates_args=(),
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::fused_linear_kd_backward", mutates_args=(),
                          schema=FUSED_LINEAR_BWD_SCHEMA)
 def fused_linear_kd_backward_op(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     """``reduction="none"``: the chunks recomputed with the per-row incoming gradients."""
     cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:]
     plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
-    with _ops.kernel_context(hs.device):
+    with _custom_op.kernel_context(hs.device):
         _, _, grads = _run_chunks(plan, target, hs, ws, bs, ht, wt, bt, tl, idx, lp, list(need),
                                   None, grad_rows.reshape(-1).float())
     return _grad_outputs(grads, (hs, ws, bs, ht, wt, bt, tl))
@@ -278,7 +271,7 @@ def fused_linear_kd_backward_op(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, i
 def _fused_linear_bwd_fake(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     need = rest[12]
     return tuple(x.new_empty(x.shape) if (n and x is not None)
-                 else _ops.placeholder(x if x is not None else hs)
+                 else _custom_op.placeholder(x if x is not None else hs)
                  for x, n in zip((hs, ws, bs, ht, wt, bt, tl), need))
 
 
@@ -291,7 +284,7 @@ def _fused_linear_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*output[1:])
     else:
-        _ops.save_gradients(ctx, list(output[1:]), ctx.need)
+        _custom_op.save_gradients(ctx, list(output[1:]), ctx.need)
 
 
 def _fused_linear_backward(ctx, grad_loss, *_unused):
@@ -302,7 +295,7 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
         out = fused_linear_kd_backward_op(grad_loss, *saved, *ctx.rest)
         grads = [g if n else None for g, n in zip(out, ctx.need)]
     else:
-        grads = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "FusedLinearKDLoss")
+        grads = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "FusedLinearKDLoss")
     return tuple(grads) + (None,) * (3 + 9 + 5)
 
 
@@ -344,27 +337,8 @@ def _autocast(device, *tensors):
     return list(tensors)
 
 
-def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
-                         teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
-                         teacher_logits=None, *, teacher_topk=None, teacher_weights=None,
-                         backend="auto", chunk_size=None, process_group=None, **config):
-    """See :class:`fastkd.FusedLinearKDLoss`."""
-    cfg = _logit.LogitKDConfig(**config)
-    backend = _backend.check_backend_name(backend)
-    if teacher_weights is not None:
-        _checks.check_weights("teacher_weights", teacher_weights, 1)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (auto), got {chunk_size!r}")
-    _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight,
-                   "student_bias", student_bias)
-    lead = student_hidden.shape[:-1]
-    kinds = [teacher_hidden is not None or teacher_weight is not None,
-             teacher_logits is not None, teacher_topk is not None]
-    if sum(kinds) != 1:
-        raise ValueError("give exactly one teacher: teacher_hidden with teacher_weight, or "
-                         "teacher_logits, or teacher_topk")
-    kind = ("linear", "logits", "topk")[kinds.index(True)]
+def _check_teacher(kind, lead, teacher_hidden, teacher_weight, teacher_bias, teacher_logits):
+    """Checks of the one teacher given; returns its vocabulary size (None for top-k)."""
     if kind == "linear":
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight go together: give both")
@@ -373,8 +347,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden has shape {tuple(teacher_hidden.shape)} but its "
                              f"leading shape must equal student_hidden's {tuple(lead)}")
-        vocab_t = teacher_weight.shape[0]
-    elif teacher_bias is not None:
+        return teacher_weight.shape[0]
+    if teacher_bias is not None:
         raise ValueError("teacher_bias is only used with teacher_hidden/teacher_weight")
     if kind == "logits":
         if isinstance(teacher_logits, (list, tuple)):
@@ -384,16 +358,49 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                 or teacher_logits.shape[-1] < 1:
             raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but must be "
                              f"[*, V_t] with * = student_hidden's leading shape {tuple(lead)}")
-        vocab_t = teacher_logits.shape[-1]
+        return teacher_logits.shape[-1]
+    return None
+
+
+def _check_target(target, lead):
+    if target is None:
+        return
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
+            or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError("target must be an integer tensor of class indices")
+    if target.shape != lead:
+        raise ValueError(f"target has shape {tuple(target.shape)} but must equal the leading "
+                         f"shape of student_hidden {tuple(lead)}")
+
+
+def _teacher_kind(teacher_hidden, teacher_weight, teacher_logits, teacher_topk) -> str:
+    kinds = [teacher_hidden is not None or teacher_weight is not None,
+             teacher_logits is not None, teacher_topk is not None]
+    if sum(kinds) != 1:
+        raise ValueError("give exactly one teacher: teacher_hidden with teacher_weight, or "
+                         "teacher_logits, or teacher_topk")
+    return ("linear", "logits", "topk")[kinds.index(True)]
+
+
+def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
+                         teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
+                         teacher_logits=None, *, cfg: LogitKDConfig, teacher_topk=None,
+                         teacher_weights=None, backend="auto", chunk_size=None,
+                         process_group=None):
+    """See :class:`fastkd.FusedLinearKDLoss`; ``cfg`` is the validated configuration."""
+    backend = _backend.check_backend_name(backend)
+    if teacher_weights is not None:
+        _checks.check_weights("teacher_weights", teacher_weights, 1)
+    chunk_size = check_chunk_size(chunk_size)
+    _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight,
+                   "student_bias", student_bias)
+    lead = student_hidden.shape[:-1]
+    kind = _teacher_kind(teacher_hidden, teacher_weight, teacher_logits, teacher_topk)
+    vocab_t = _check_teacher(kind, lead, teacher_hidden, teacher_weight, teacher_bias,
+                             teacher_logits)
     vocab_s = student_weight.shape[0]
     vocab = vocab_s if kind == "topk" else min(vocab_s, vocab_t)
-    if target is not None:
-        if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
-                or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError("target must be an integer tensor of class indices")
-        if target.shape != lead:
-            raise ValueError(f"target has shape {tuple(target.shape)} but must equal the leading "
-                             f"shape of student_hidden {tuple(lead)}")
+    _check_target(target, lead)
     _checks.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                               student_bias=student_bias, teacher_hidden=teacher_hidden,
                               teacher_weight=teacher_weight, teacher_bias=teacher_bias,
@@ -409,19 +416,14 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     if kind == "topk":
         idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device),
                                       check_data=False)  # in the op (or the reference path)
-    parallel = _distributed.is_parallel(process_group)
+    parallel = vocab_parallel.is_parallel(process_group)
     if parallel and (kind == "topk" or vocab_s != vocab_t):
         raise ValueError("with a process_group (vocabulary-parallel lm_head), the teacher must "
                          "be teacher_hidden/teacher_weight or teacher_logits whose local "
                          "vocabulary shard has the student's width (got "
                          f"{'teacher_topk' if kind == 'topk' else f'{vocab_t} vs {vocab_s}'})")
-    name = _backend.resolve_backend(backend, device)
-    dtypes = [x.dtype for x in (hs, ht, tl) if x is not None]
-    if name != "reference" and any(d not in _logit._KERNEL_DTYPES for d in dtypes):
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 inputs; "
-                               f"use backend='reference' for float64")
-        name = "reference"
+    name = _backend.select_backend(backend, device, [x.dtype for x in (hs, ht, tl) if x is not None],
+                                   what="inputs")
     if name == "reference" and not parallel:
         if kind == "topk":
             _topk.check_topk_data(idx, lp, vocab)
@@ -433,22 +435,27 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     bytes_row = hs.element_size() * 2 + (0 if kind == "topk" else 2 * (ht if ht is not None
                                                                        else tl).element_size())
     chunk = chunk_size or auto_chunk_size(hs.shape[0], vocab, bytes_row, device)
+    hs, ht = hs.contiguous(), None if ht is None else ht.contiguous()
     if parallel:
         # Vocabulary-parallel: the per-chunk KD runs on this rank's shard with the softmax
-        # statistics all-reduced (O(chunk) floats per chunk), in any float dtype.
-        kernel = functools.partial(_distributed.vocab_parallel_kd_forward,
+        # statistics all-reduced (O(chunk) floats per chunk), in any float dtype. A
+        # ProcessGroup is no custom-op argument: an autograd.Function (eager only).
+        kernel = functools.partial(vocab_parallel.vocab_parallel_kd_forward,
                                    process_group=process_group)
-    else:
-        kernel = _logit.KERNELS[name]
-    hs, ht = hs.contiguous(), None if ht is None else ht.contiguous()
-    if parallel:  # a ProcessGroup is no custom-op argument: an autograd.Function (eager only)
         plan = _Plan(cfg, kernel, chunk, vocab, kind, lead)
         return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
-    need = [_ops.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
-    out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp,
-                             *cfg.as_args(), chunk, vocab, kind, need,
-                             name)
+    need = [_custom_op.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
+    out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp, *cfg.as_args(), chunk,
+                             vocab, kind, need, name)
     return out[0].reshape(lead) if cfg.reduction == "none" else out[0]
+
+
+def check_chunk_size(chunk_size):
+    """``None`` (auto) or a positive int (rows per chunk)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (auto), got {chunk_size!r}")
+    return chunk_size
 
 
 class _ShapeOnly:
@@ -462,10 +469,7 @@ class _ShapeOnly:
 def _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
     """The spec, literally: materialise the logits and apply SPEC §1 (autograd does the rest)."""
     s = _linear(hs, ws[:vocab], None if bs is None else bs[:vocab])
-    kwargs = dict(temperature=cfg.temperature, soft_weight=cfg.soft_weight,
-                  hard_weight=cfg.hard_weight, divergence=cfg.divergence, beta=cfg.beta,
-                  t2_scale=cfg.t2_scale, ignore_index=cfg.ignore_index,
-                  label_smoothing=cfg.label_smoothing)
+    kwargs = cfg.reference_kwargs()
     if kind == "topk":
         rows = kd_rows_topk_reference(s, idx, lp, tgt, **kwargs)
     else:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks
-from fastkd.logit import autograd as _logit
+from fastkd import _backend, _checks, functional
+from fastkd.logit.config import LogitKDConfig
+from fastkd.logit.fused_linear import check_chunk_size
 
 
 def _init_logit_module(module, args, n_teachers=None):
     """Validate the KD arguments eagerly (a bad one fails at construction, naming itself) and
     store them as attributes, as ``torch.nn`` loss modules do."""
-    module._config = {key: args[key] for key in _logit.LogitKDConfig.__slots__}
-    _logit.LogitKDConfig(**module._config)
+    module._config = LogitKDConfig.pick(args).as_dict()
     weights = args["teacher_weights"]
     if weights is not None:
         n = len(weights) if n_teachers is None else n_teachers
@@ -21,6 +21,12 @@ def _init_logit_module(module, args, n_teachers=None):
     module.process_group = args["process_group"]
     for key, value in module._config.items():
         setattr(module, key, value)
+
+
+def _current_config(module) -> dict:
+    """The KD arguments as the module holds them now (attributes may be changed between calls,
+    e.g. by a schedule); the functional validates them."""
+    return {key: getattr(module, key) for key in module._config}
 
 
 class KDLoss(torch.nn.Module):
@@ -114,19 +120,10 @@ class KDLoss(torch.nn.Module):
         _init_logit_module(self, locals())
 
     def forward(self, student_logits, teacher_logits=None, target=None, *, teacher_topk=None):
-        config = {key: getattr(self, key) for key in self._config}
-        if self.process_group is not None:
-            from fastkd import distributed
-            if distributed.is_parallel(self.process_group):
-                if teacher_topk is not None:
-                    raise ValueError("teacher_topk is not supported with a process_group "
-                                     "(vocabulary-parallel KD takes sharded teacher logits)")
-                return distributed.vocab_parallel_kd_loss(
-                    student_logits, teacher_logits, target, process_group=self.process_group,
-                    teacher_weights=self.teacher_weights, backend=self.backend, **config)
-        return _logit.kd_loss(student_logits, teacher_logits, target,
-                              teacher_weights=self.teacher_weights, backend=self.backend,
-                              teacher_topk=teacher_topk, **config)
+        return functional.kd_loss(student_logits, teacher_logits, target,
+                                  teacher_weights=self.teacher_weights, backend=self.backend,
+                                  teacher_topk=teacher_topk, process_group=self.process_group,
+                                  **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
@@ -199,22 +196,17 @@ class FusedLinearKDLoss(torch.nn.Module):
                  process_group=None):
         super().__init__()
         _init_logit_module(self, locals(), n_teachers=1)
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None (auto), got "
-                             f"{chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
                 teacher_topk=None):
-        from fastkd.logit.fused_linear import fused_linear_kd_loss
-        config = {key: getattr(self, key) for key in self._config}
-        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
-                                    teacher_weight, target, student_bias, teacher_bias,
-                                    teacher_logits, teacher_topk=teacher_topk,
-                                    backend=self.backend, chunk_size=self.chunk_size,
-                                    process_group=self.process_group, **config)
+        return functional.fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
+            teacher_bias, teacher_logits, teacher_topk=teacher_topk,
+            teacher_weights=self.teacher_weights, backend=self.backend,
+            chunk_size=self.chunk_size, process_group=self.process_group,
+            **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from fastkd import _ops
+from fastkd import _custom_op
+from fastkd._dtypes import work_dtype
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
 
@@ -28,13 +29,18 @@ def _log_mix(loga, logb, wa, wb):
     return torch.where(both, torch.full_like(a, -math.inf), torch.logaddexp(a, b))
 
 
+def jsd_endpoint(divergence: str, beta: float) -> str:
+    """JSD at beta = 0 is exactly KL(p || q) and at beta = 1 exactly KL(q || p) (SPEC §1): every
+    implementation computes those two as the KLs, not as a mixture with a zero weight."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def divergence_rows(logp, logq, divergence: str, beta: float):
     """Row divergence D(p, q) from teacher log-probs ``logp`` and student log-probs ``logq``."""
     p, q = logp.exp(), logq.exp()
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "kl"
-    if divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = jsd_endpoint(divergence, beta)
     if divergence == "kl":  # KL(p || q)
         return _masked_pterm(p, logp, logq)
     if divergence == "reverse_kl":  # KL(q || p)
@@ -64,7 +70,7 @@ def hard_ce_rows(student, target, label_smoothing: float):
 
 @torch.library.custom_op("fastkd::logit_checked_rows", mutates_args=(),
                          schema="(Tensor student, Tensor[] teachers, Tensor? target, "
-                                "int ignore_index) -> Tensor", **_ops.host_sync_tags())
+                                "int ignore_index) -> Tensor", **_custom_op.host_sync_tags())
 def checked_rows(student, teachers, target, ignore_index):
     """The rows that count (``target != ignore_index``; all rows without target), ``[N]`` bool,
     after the data-dependent checks of SPEC §Errors: ``ValueError`` for a counted target outside
@@ -102,8 +108,7 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
     Computes in float64 if any input is float64, else float32. Raises ``ValueError`` for a target
     outside [0, V) or a counted row that is -inf everywhere (SPEC §Errors).
     """
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in [student, *teachers]) \
-        else torch.float32
+    dtype = work_dtype(student, *teachers)
     # The data-dependent checks run inside an opaque op (no graph break under torch.compile).
     valid = checked_rows(student.detach(), [t.detach() for t in teachers],
                          None if target is None else target.detach(), ignore_index)
@@ -145,8 +150,7 @@ def topk_bucket_logprobs(student, indices, logprobs, temperature):
     keeps its relative precision. When ``k == V`` the residual bucket is empty on both sides and
     gets probability 0 on both (log = -inf), contributing nothing.
     """
-    dtype = torch.float64 if student.dtype == torch.float64 or logprobs.dtype == torch.float64 \
-        else torch.float32
+    dtype = work_dtype(student, logprobs)
     z = student.to(dtype) / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     logq_k = z.gather(-1, indices) - lse

@@ -18,9 +18,11 @@ import math
 
 import torch
 
-from fastkd import _checks, _ops
+from fastkd import _checks, _custom_op
+from fastkd._dtypes import work_dtype
 from fastkd._reduce import count_rows, reduce_rows
-from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows,
+from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig
+from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows, jsd_endpoint,
                                     kd_rows_topk_reference)
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
@@ -90,8 +92,7 @@ def _dlogq(logp, logq, divergence, beta):
     (1 - beta) Q_b log(Q_b / M_b) with M = beta P + (1 - beta) Q; TVD: Q_b sign(Q_b - P_b) / 2.
     """
     p, q = logp.exp(), logq.exp()
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "kl" if beta == 0.0 else "reverse_kl"
+    divergence = jsd_endpoint(divergence, beta)
     zero = torch.zeros_like(q)
     if divergence == "kl":
         return -p
@@ -171,7 +172,7 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     gradient of ``sum_r grad_scale * loss_r`` with respect to ``s2`` in its dtype (rows whose
     target is ``ignore_index`` are 0 and get a zero gradient)."""
     n, vocab = s2.shape
-    work = torch.float64 if s2.dtype == torch.float64 else torch.float32
+    work = work_dtype(s2)
     rows_out = torch.empty(n, dtype=work, device=s2.device)
     grad = torch.empty_like(s2) if need_grad else None
     soft_factor = cfg.soft_factor
@@ -207,22 +208,20 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     return rows_out, grad
 
 
-TOPK_SCHEMA = ("(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
-               "float temperature, float soft_weight, float hard_weight, str divergence, "
-               "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
-               "str reduction, bool need_grad_student) -> (Tensor, Tensor)")
+TOPK_SCHEMA = (f"(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
+               f"{CONFIG_SCHEMA}, bool need_grad_student) -> (Tensor, Tensor)")
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::logit_kd_topk", mutates_args=(), schema=TOPK_SCHEMA,
-                         **_ops.host_sync_tags())
+
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::logit_kd_topk", mutates_args=(), schema=TOPK_SCHEMA,
+                         **_custom_op.host_sync_tags())
 def logit_kd_topk_op(student, indices, logprobs, target, *rest):
     """``fastkd::logit_kd_topk``: KD against a sparse top-k teacher on rows ``[N, V]``.
     Returns ``(loss, grad_student)`` (the gradient computed in forward, or a ``[0]``
     placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows)."""
-    from fastkd.logit.autograd import LogitKDConfig
     cfg = LogitKDConfig.from_args(rest[:9])
     need = bool(rest[9])
     check_topk_data(indices, logprobs, student.shape[-1])
-    with _ops.kernel_context(student.device):
+    with _custom_op.kernel_context(student.device):
         count = count_rows(target, cfg.ignore_index, student.shape[0], student.device)
         if student.dtype == torch.float64:
             count = count.double()
@@ -230,26 +229,26 @@ def logit_kd_topk_op(student, indices, logprobs, target, *rest):
         rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
                                         need)
         loss = reduce_rows(rows, cfg.reduction, rows.shape, count.to(rows.dtype))
-    return loss, _ops.placeholder(student) if grad is None else grad
+    return loss, _custom_op.placeholder(student) if grad is None else grad
 
 
 @logit_kd_topk_op.register_fake
 def _topk_fake(student, indices, logprobs, target, *rest):
     reduction, need = rest[8], rest[9]
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = work_dtype(student)
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
-    return loss, student.new_empty(student.shape) if need else _ops.placeholder(student)
+    return loss, student.new_empty(student.shape) if need else _custom_op.placeholder(student)
 
 
 def _topk_setup(ctx, inputs, output):
     ctx.reduction = inputs[12]
-    _ops.save_gradients(ctx, [output[1]], [inputs[13]])
+    _custom_op.save_gradients(ctx, [output[1]], [inputs[13]])
 
 
 def _topk_backward(ctx, grad_loss, _grad):
     if grad_loss is None:
         return (None,) * 14
-    (g,) = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "KD loss (teacher_topk)",
+    (g,) = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "KD loss (teacher_topk)",
                             per_row=ctx.reduction == "none")
     return (g,) + (None,) * 13
 
@@ -264,15 +263,11 @@ def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str):
     if backend_name == "reference":
         s2 = student_logits.reshape(-1, student_logits.shape[-1])
         tgt = None if target is None else target.reshape(-1).to(torch.int64)
-        rows = kd_rows_topk_reference(
-            s2, idx, lp, tgt, temperature=cfg.temperature, soft_weight=cfg.soft_weight,
-            hard_weight=cfg.hard_weight, divergence=cfg.divergence, beta=cfg.beta,
-            t2_scale=cfg.t2_scale, ignore_index=cfg.ignore_index,
-            label_smoothing=cfg.label_smoothing)
+        rows = kd_rows_topk_reference(s2, idx, lp, tgt, **cfg.reference_kwargs())
         count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
         return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
     loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(),
-                               _ops.needs_grad(s2))
+                               _custom_op.needs_grad(s2))
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

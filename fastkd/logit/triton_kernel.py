@@ -33,9 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd._triton_aot import launch
-
-MAX_TEACHERS = 8
+from fastkd._triton_launch import launch
+from fastkd.logit.config import MAX_TEACHERS
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -522,7 +521,7 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
         target: int64 ``[N]`` class indices, or ``None`` (then every row counts and there is no
             hard term).
         weights: the normalised teacher weights (floats, sum 1, zeros allowed).
-        cfg: a :class:`fastkd.logit.autograd.LogitKDConfig` (temperature, divergence, beta,
+        cfg: a :class:`fastkd.logit.config.LogitKDConfig` (temperature, divergence, beta,
             soft_factor, hard_weight, label_smoothing, ignore_index).
         grad_scale: float32 tensor with one value multiplying every gradient, or ``None``.
         need_s: write the student gradient.

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from fastkd import _backend, _checks
-from fastkd import distributed as _distributed
-from fastkd.relation import autograd as _relation
+from fastkd.relation import ops as _relation
+from fastkd.relation.gather import gather_features
 
 
 class SPLoss(torch.nn.Module):
@@ -63,7 +63,7 @@ class SPLoss(torch.nn.Module):
         self.gather = gather
 
     def forward(self, student_features, teacher_features):
-        student_features, teacher_features = _distributed.gather_features(
+        student_features, teacher_features = gather_features(
             student_features, teacher_features, self.gather)
         return _relation.sp_loss(student_features, teacher_features, reduction=self.reduction,
                                  backend=self.backend)
@@ -134,7 +134,7 @@ class RKDLoss(torch.nn.Module):
         self.gather = gather
 
     def forward(self, student_features, teacher_features):
-        student_features, teacher_features = _distributed.gather_features(
+        student_features, teacher_features = gather_features(
             student_features, teacher_features, self.gather)
         return _relation.rkd_loss(student_features, teacher_features,
                                   distance_weight=self.distance_weight,
@@ -189,7 +189,7 @@ class PKTLoss(torch.nn.Module):
         self.gather = gather
 
     def forward(self, student_features, teacher_features):
-        student_features, teacher_features = _distributed.gather_features(
+        student_features, teacher_features = gather_features(
             student_features, teacher_features, self.gather)
         return _relation.pkt_loss(student_features, teacher_features, eps=self.eps,
                                   reduction=self.reduction, backend=self.backend)

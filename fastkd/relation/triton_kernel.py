@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd._triton_aot import launch, sm_count
+from fastkd._triton_launch import launch, sm_count
+from fastkd.relation.reference import DIST_CLAMP
+from fastkd.relation.reference import SP_NORM_CLAMP as NORM_CLAMP
 
 SP, RKD, PKT = 0, 1, 2
-DIST_CLAMP = 1e-12
-NORM_CLAMP = 1e-12
 COINCIDENT = 2.0 ** -20  # relative threshold of coincident rows, as kRelCoincident
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32

@@ -10,7 +10,7 @@ with the per-row weights.
 
 The fused pass runs behind the ``torch.library`` custom ops ``fastkd::feature_kd`` and (the
 ``"none"`` backward) ``fastkd::feature_kd_backward`` (the pattern is described in
-:mod:`fastkd._ops`), so ``torch.compile(fullgraph=True)`` traces :func:`feature_kd_loss` without a
+:mod:`fastkd._custom_op`), so ``torch.compile(fullgraph=True)`` traces :func:`feature_kd_loss` without a
 graph break. Autocast: see :func:`feature_kd_loss`.
 """
 from __future__ import annotations
@@ -19,11 +19,10 @@ import math
 
 import torch
 
-from fastkd import _backend, _checks, _ext, _ops
+from fastkd import _backend, _checks, _custom_op, _ext
 from fastkd.feature.reference import COSINE_EPS, LOSSES, feature_kd_reference  # noqa: F401
 
 LOSS_IDS = {"mse": 0, "cosine": 1}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The extension backends read NCHW maps in place (the epilogue sweeps runs of H*W contiguous
 # positions); maps with fewer positions than this are transposed to an [N, C] copy first, where
 # the short runs would leave most vector lanes / threads of the epilogue idle.
@@ -34,12 +33,6 @@ _EXT_OP = "feature_kd_forward"
 def ext_has_feature_ops() -> bool:
     """Whether the compiled extension fastkd._C provides the feature-KD kernels."""
     return _ext._C is not None and hasattr(_ext._C, _EXT_OP)
-
-
-def _implemented() -> tuple:
-    if _ext._C is not None and not ext_has_feature_ops():
-        return ("triton", "reference")
-    return _backend.BACKENDS
 
 
 def check_channel_dim(channel_dim, ndim: int) -> int:
@@ -144,7 +137,7 @@ def _run(backend, layout, weight, bias, loss_id, scale, row_scale, compute_loss,
                             compute_loss, need_x, need_w, need_b, need_t, chunk)
 
 
-# The fused pass behind torch.library custom ops (the pattern is described in fastkd/_ops.py).
+# The fused pass behind torch.library custom ops (the pattern is described in fastkd/_custom_op.py).
 FEATURE_KD_SCHEMA = (
     "(Tensor student, Tensor teacher, Tensor? weight, Tensor? bias, str loss, int channel_dim, "
     "str reduction, int chunk_size, bool need_grad_student, bool need_grad_teacher, "
@@ -182,23 +175,23 @@ def _lead_shape(student, cd):
 def _op_grads(layout, student, teacher, gx, gt, gw, gb):
     """Kernel gradients -> op outputs: input shapes (contiguous), placeholders where absent."""
     f32 = torch.float32
-    return (_ops.placeholder(student) if gx is None
+    return (_custom_op.placeholder(student) if gx is None
             else layout.restore(gx, student.shape).contiguous(),
-            _ops.placeholder(teacher) if gt is None
+            _custom_op.placeholder(teacher) if gt is None
             else layout.restore(gt, teacher.shape).contiguous(),
-            _ops.placeholder(student, f32) if gw is None else gw,
-            _ops.placeholder(student, f32) if gb is None else gb)
+            _custom_op.placeholder(student, f32) if gw is None else gw,
+            _custom_op.placeholder(student, f32) if gb is None else gb)
 
 
 def _fake_grads(student, teacher, weight, bias, need_x, need_t, need_w, need_b):
     f32 = torch.float32
-    gw = student.new_empty(weight.shape, dtype=f32) if need_w else _ops.placeholder(student, f32)
-    gb = student.new_empty(bias.shape, dtype=f32) if need_b else _ops.placeholder(student, f32)
-    return (student.new_empty(student.shape) if need_x else _ops.placeholder(student),
-            teacher.new_empty(teacher.shape) if need_t else _ops.placeholder(teacher), gw, gb)
+    gw = student.new_empty(weight.shape, dtype=f32) if need_w else _custom_op.placeholder(student, f32)
+    gb = student.new_empty(bias.shape, dtype=f32) if need_b else _custom_op.placeholder(student, f32)
+    return (student.new_empty(student.shape) if need_x else _custom_op.placeholder(student),
+            teacher.new_empty(teacher.shape) if need_t else _custom_op.placeholder(teacher), gw, gb)
 
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::feature_kd", mutates_args=(),
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::feature_kd", mutates_args=(),
                          schema=FEATURE_KD_SCHEMA)
 def feature_kd_op(student, teacher, weight, bias, loss, channel_dim, reduction, chunk_size,
                   need_grad_student, need_grad_teacher, need_grad_weight, need_grad_bias,
@@ -215,7 +208,7 @@ def feature_kd_op(student, teacher, weight, bias, loss, channel_dim, reduction, 
     """
     if gemm_dtype is not None and weight is not None:
         weight = weight.to(gemm_dtype)
-    with _ops.kernel_context(student.device):
+    with _custom_op.kernel_context(student.device):
         layout = _Layout(student, teacher, channel_dim, backend)
         dt = layout.t3.shape[1]
         loss_id = LOSS_IDS[loss]
@@ -247,7 +240,7 @@ def _feature_kd_fake(student, teacher, weight, bias, loss, channel_dim, reductio
                          need_grad_weight, need_grad_bias))
 
 
-@torch.library.custom_op(f"{_ops.NAMESPACE}::feature_kd_backward", mutates_args=(),
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::feature_kd_backward", mutates_args=(),
                          schema=FEATURE_KD_BACKWARD_SCHEMA)
 def feature_kd_backward_op(grad_loss, student, teacher, weight, bias, loss, channel_dim,
                            chunk_size, need_grad_student, need_grad_teacher, need_grad_weight,
@@ -257,7 +250,7 @@ def feature_kd_backward_op(grad_loss, student, teacher, weight, bias, loss, chan
     ``(grad_student, grad_teacher, grad_weight, grad_bias)`` as :func:`feature_kd_op` does."""
     if gemm_dtype is not None and weight is not None:
         weight = weight.to(gemm_dtype)
-    with _ops.kernel_context(student.device):
+    with _custom_op.kernel_context(student.device):
         layout = _Layout(student, teacher, channel_dim, backend)
         dt = layout.t3.shape[1]
         row_scale = grad_loss.reshape(-1).to(torch.float32).contiguous()
@@ -285,7 +278,7 @@ def _feature_kd_setup(ctx, inputs, output):
     ctx.param_dtypes = (None if weight is None else weight.dtype,
                         None if bias is None else bias.dtype)
     if reduction != "none":
-        _ops.save_gradients(ctx, output[1:], needs)
+        _custom_op.save_gradients(ctx, output[1:], needs)
         return
     # "none": the gradients depend on the per-row grad_output; backward recomputes them.
     ctx.mark_non_differentiable(*output[1:])
@@ -303,7 +296,7 @@ def _feature_kd_backward(ctx, grad_loss, *_grads):
         grads = feature_kd_backward_op(grad_loss, student, teacher, weight, bias, *ctx.args)
         grads = [g if n else None for g, n in zip(grads, ctx.needs)]
     else:
-        grads = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "feature KD loss")
+        grads = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "feature KD loss")
     gx, gt, gw, gb = grads
     w_dtype, b_dtype = ctx.param_dtypes
     gw = None if gw is None else gw.to(w_dtype)
@@ -380,21 +373,13 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
     chunk = check_chunk_size(chunk_size)
     cd = validate_inputs(student_feat, teacher_feat, weight, bias, channel_dim)
     device = student_feat.device
-    implemented = _implemented()
-    if backend in ("cpu", "cuda") and backend not in implemented:
-        raise RuntimeError(f"backend={backend!r} is unavailable: the extension fastkd._C was built "
-                           f"without the feature-KD kernels (rebuild fastkd)")
-    name = _backend.resolve_backend(backend, device, implemented)
     tensors = [t for t in (student_feat, teacher_feat, weight, bias) if t is not None]
-    if name != "reference" and any(t.dtype not in _KERNEL_DTYPES for t in tensors):
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 tensors; "
-                               f"use backend='reference' for float64")
-        name = "reference"
+    name = _backend.select_backend(backend, device, [t.dtype for t in tensors], what="tensors",
+                                   ext_ops=(_EXT_OP,))
     if name == "reference":
-        with _ops.no_autocast(device):
+        with _custom_op.no_autocast(device):
             return feature_kd_reference(student_feat, teacher_feat, weight, bias, loss=loss,
                                         channel_dim=cd, reduction=reduction)
-    needs = [_ops.needs_grad(t) for t in (student_feat, teacher_feat, weight, bias)]
+    needs = [_custom_op.needs_grad(t) for t in (student_feat, teacher_feat, weight, bias)]
     return feature_kd_op(student_feat, teacher_feat, weight, bias, loss, cd, reduction, chunk,
                          *needs, autocast_gemm_dtype(student_feat, weight, name), name)[0]

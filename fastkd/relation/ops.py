@@ -6,7 +6,7 @@ forward pass (row statistics, then loss + feature gradients; see ``csrc/glue/rel
 computes in float32; backward only scales the saved gradients by ``grad_output`` (out of place,
 so a retained graph may be walked twice). The kernels run behind the ``torch.library`` custom ops
 ``fastkd::relation_sp``, ``fastkd::relation_rkd`` and ``fastkd::relation_pkt`` (the pattern is
-described in :mod:`fastkd._ops`): ``torch.compile(fullgraph=True)`` traces the losses without a
+described in :mod:`fastkd._custom_op`): ``torch.compile(fullgraph=True)`` traces the losses without a
 graph break. Under ``torch.autocast`` the features are taken in their own dtypes and the math
 stays float32 (autocast is off inside the ops and around the reference).
 """
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks, _ext, _ops
+from fastkd import _backend, _checks, _custom_op, _ext
 from fastkd.relation import reference as _ref
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EXT_OPS = ("relation_sp_forward", "relation_rkd_forward", "relation_pkt_forward")
 
 #: Floats per ``rows x B`` tile buffer of the cpu/cuda kernels (``None``: the backend default,
@@ -59,20 +58,8 @@ def validate_features(student_features, teacher_features):
 
 def select_backend(backend, student: torch.Tensor, teacher: torch.Tensor) -> str:
     """The concrete backend for these inputs (SPEC §Common rules: no silent fallback when forced)."""
-    backend = _backend.check_backend_name(backend)
-    name = _backend.resolve_backend(backend, student.device)
-    if name in ("cpu", "cuda") and not ext_has_relation_ops():
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r} is unavailable: the compiled extension "
-                               f"fastkd._C has no relation kernels (rebuild fastkd)")
-        name = _backend.resolve_backend("auto", student.device, ("triton", "reference"))
-    if name != "reference" and (student.dtype not in _KERNEL_DTYPES
-                                or teacher.dtype not in _KERNEL_DTYPES):
-        if backend != "auto":
-            raise RuntimeError(f"backend={backend!r} takes float32, bfloat16 or float16 features; "
-                               f"use backend='reference' for float64")
-        name = "reference"
-    return name
+    return _backend.select_backend(backend, student.device, [student.dtype, teacher.dtype],
+                                   what="features", ext_ops=_EXT_OPS)
 
 
 # ------------------------------------------------------------------------------- kernel adapters
@@ -108,7 +95,7 @@ _KERNELS = {
 
 
 # ------------------------------------------------------------------- torch.library custom ops
-# One op per loss (the pattern is described in fastkd/_ops.py): [B, d] features in, the float32
+# One op per loss (the pattern is described in fastkd/_custom_op.py): [B, d] features in, the float32
 # loss and the feature gradients (computed in forward; [0] placeholders where not asked for) out.
 _RELATION_OUT = ("str reduction, bool need_grad_student, bool need_grad_teacher, int tile_elems, "
                  "str backend) -> (Tensor, Tensor, Tensor)")
@@ -136,36 +123,36 @@ def _relation_call(family, student, teacher, params, reduction, need_s, need_t, 
     kernel = _KERNELS[family][backend]
     if backend != "triton":
         kwargs["tile_elems"] = tile_elems
-    with _ops.kernel_context(student.device):
+    with _custom_op.kernel_context(student.device):
         loss, grad_s, grad_t = kernel(student, teacher, bool(need_s), bool(need_t), **kwargs)
     return (loss.reshape(()).to(torch.float32),
-            _ops.placeholder(student) if grad_s is None else grad_s.contiguous(),
-            _ops.placeholder(teacher) if grad_t is None else grad_t.contiguous())
+            _custom_op.placeholder(student) if grad_s is None else grad_s.contiguous(),
+            _custom_op.placeholder(teacher) if grad_t is None else grad_t.contiguous())
 
 
 def _relation_fake(student, teacher, need_s, need_t):
     return (student.new_empty((), dtype=torch.float32),
-            student.new_empty(student.shape) if need_s else _ops.placeholder(student),
-            teacher.new_empty(teacher.shape) if need_t else _ops.placeholder(teacher))
+            student.new_empty(student.shape) if need_s else _custom_op.placeholder(student),
+            teacher.new_empty(teacher.shape) if need_t else _custom_op.placeholder(teacher))
 
 
 def _relation_setup(ctx, inputs, output):
     *_, need_s, need_t, _tile, _backend_name = inputs
     ctx.num_inputs = len(inputs)
-    _ops.save_gradients(ctx, output[1:], (need_s, need_t))
+    _custom_op.save_gradients(ctx, output[1:], (need_s, need_t))
 
 
 def _relation_backward(ctx, grad_loss, *_grads):
     if grad_loss is None:
         return (None,) * ctx.num_inputs
     # [B, d] gradients: scaled out of place, so a retained graph may be walked again.
-    grad_s, grad_t = _ops.scale_saved(ctx, ctx.saved_tensors, grad_loss, "relation KD loss",
+    grad_s, grad_t = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "relation KD loss",
                                       in_place=False)
     return (grad_s, grad_t) + (None,) * (ctx.num_inputs - 2)
 
 
 def _relation_op(name, schema):
-    return torch.library.custom_op(f"{_ops.NAMESPACE}::{name}", mutates_args=(), schema=schema)
+    return torch.library.custom_op(f"{_custom_op.NAMESPACE}::{name}", mutates_args=(), schema=schema)
 
 
 @_relation_op("relation_sp", RELATION_SCHEMAS["sp"])
@@ -215,7 +202,7 @@ del _op
 
 
 def _run(op, s2, t2, *params, reduction, backend):
-    return op(s2, t2, *params, reduction, _ops.needs_grad(s2), _ops.needs_grad(t2),
+    return op(s2, t2, *params, reduction, _custom_op.needs_grad(s2), _custom_op.needs_grad(t2),
               _tile_elems(), backend)[0]
 
 
@@ -236,7 +223,7 @@ def sp_loss(student_features, teacher_features, *, reduction="mean", backend="au
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        with _ops.no_autocast(s2.device):
+        with _custom_op.no_autocast(s2.device):
             return _ref.sp_loss_reference(s2, t2, reduction)
     return _run(sp_op, s2, t2, reduction=reduction, backend=name)
 
@@ -259,7 +246,7 @@ def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_w
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        with _ops.no_autocast(s2.device):
+        with _custom_op.no_autocast(s2.device):
             return _ref.rkd_loss_reference(s2, t2, distance_weight, angle_weight, reduction)
     return _run(rkd_op, s2, t2, distance_weight, angle_weight, reduction=reduction, backend=name)
 
@@ -278,6 +265,6 @@ def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", 
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
-        with _ops.no_autocast(s2.device):
+        with _custom_op.no_autocast(s2.device):
             return _ref.pkt_loss_reference(s2, t2, eps, reduction)
     return _run(pkt_op, s2, t2, eps, reduction=reduction, backend=name)

@@ -3,7 +3,7 @@
 Every fused kernel (backends ``cpu``, ``cuda``, ``triton``) runs behind a
 ``torch.library.custom_op``, so that ``torch.compile(fullgraph=True)`` sees one opaque node per
 loss call instead of a graph break, and ``torch.library.opcheck`` can check it. The pattern, used
-the same way by every family (``fastkd/{logit,feature,relation}/autograd.py``):
+the same way by every family (``fastkd/{logit,feature,relation}/ops.py``):
 
 - **Schema**: given explicitly (``schema=``). Tensors first; the validated configuration as plain
   ``float``/``int``/``bool``/``str`` (lists: ``float[]``, ``bool[]``, ``Tensor[]``) arguments;
@@ -26,21 +26,15 @@ Everything data-independent (argument checks, backend resolution, reshapes, dtyp
 autocast decisions) happens in Python before the op call and is traced by dynamo as ordinary code.
 
 **In place vs out of place (the gradient computed in forward).** :func:`scale_saved` multiplies
-the saved gradients *in place* when it runs eagerly on plain tensors (no second input-sized
-buffer; with ``loss.backward()`` on a reduced CPU loss the multiplication by 1 is skipped), which
-is why a second backward through the same graph raises. Under ``torch.compile`` / AOTAutograd
-(functionalization: mutating a saved tensor is not allowed) it multiplies *out of place*: the
-compiled backward allocates one more input-sized gradient buffer (the saved one is freed right
-after) and makes one extra pass over it (fused by inductor with the cast to the input dtype).
-Measured for ``KDLoss`` at N = 512, V = 32000, float32, cpu backend, 2 cores: forward + backward
-about 0.28 s eagerly (in place, as the former ``autograd.Function``), 0.35 s out of place. The
-relation losses (``[B, d]`` gradients) always scale out of place (``in_place=False``), so their
-retained graphs may be walked twice. (A mutating "scale in place" op in the backward graph was
-tried: inductor re-inplaces it, but AOTAutograd's partitioner rejects it in ``opcheck``.)
-
-Cost: a custom op call goes through torch's Python custom-op machinery (argument pytrees,
-defaults); on tiny inputs that adds about 0.5 ms per forward + backward over the former
-``autograd.Function`` on CPU, nothing measurable on large ones.
+the saved gradients *in place* when it runs eagerly on plain tensors: no second input-sized
+buffer, and with ``loss.backward()`` on a reduced CPU loss the multiplication by 1 is skipped.
+That is why a second backward through the same graph raises (:func:`consume_once`). Under
+``torch.compile`` / AOTAutograd, functionalization forbids mutating a saved tensor, so it
+multiplies *out of place*: the compiled backward allocates one more input-sized buffer and makes
+one more pass over it (inductor fuses it with the cast to the input dtype). A mutating "scale in
+place" op in the backward graph would not help: AOTAutograd's partitioner rejects it. The
+relation losses (``[B, d]`` gradients, cheap to copy) always scale out of place
+(``in_place=False``), so their retained graphs may be walked twice.
 """
 from __future__ import annotations
 
@@ -96,6 +90,17 @@ def save_gradients(ctx, grads, needs) -> None:
     ctx.save_for_backward(*[g if n else None for g, n in zip(grads, needs)])
 
 
+def consume_once(ctx, what: str) -> None:
+    """The backward of a loss whose gradients were computed in forward and are scaled in place
+    may run once per forward: a second call raises ``RuntimeError`` naming ``what``."""
+    if getattr(ctx, "fastkd_consumed", False):
+        raise RuntimeError(
+            f"fastkd {what}: backward ran twice through the same graph. The fused kernels "
+            f"compute the gradient once in the forward pass and scale it in place, so "
+            f"retain_graph=True with a second backward is not supported; recompute the loss.")
+    ctx.fastkd_consumed = True
+
+
 def _plain(t: torch.Tensor) -> bool:
     # FakeTensor / FunctionalTensor (AOTAutograd, opcheck) and other subclasses are not plain.
     return type(t) is torch.Tensor
@@ -119,12 +124,7 @@ def scale_saved(ctx, saved, grad_output, what: str, per_row: bool = False,
              and all(_plain(g) for g in live))
     inplace = eager and in_place
     if inplace:
-        if getattr(ctx, "fastkd_consumed", False):
-            raise RuntimeError(
-                f"fastkd {what}: backward ran twice through the same graph. The fused kernels "
-                f"compute the gradient once in the forward pass and scale it in place, so "
-                f"retain_graph=True with a second backward is not supported; recompute the loss.")
-        ctx.fastkd_consumed = True
+        consume_once(ctx, what)
     if (eager and not per_row and grad_output.device.type == "cpu" and grad_output.numel() == 1
             and grad_output.item() == 1.0):
         return list(saved)  # the common case: loss.backward() on the reduced loss
