@@ -5,8 +5,9 @@ For each shape it times, in one process on one device:
     full size, the floor any scheme must pay;
   * the fused KD kernel alone on the full N x V logits (what a blockwise kernel would fuse);
   * FusedLinearKDLoss forward + backward at several chunk sizes and at the automatic one.
-The ratio (fused loss) / (4 GEMMs) is the issue's target (<= 1.15 on a GPU); the kernel's share
-of the time bounds what a fully blockwise kernel could save.
+The ratio (fused loss) / (4 GEMMs) is what the scheme costs above the work no scheme avoids; on a
+GPU it should stay <= 1.15, since the KD kernel is memory-bound there and the GEMMs run at
+tensor-core rate. The kernel's share of the time bounds what a fully blockwise kernel could save.
 
     python benchmarks/fused_linear_scheme.py --device cpu --out benchmarks/results/fused-linear-scheme-cpu.json
 """

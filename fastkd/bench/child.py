@@ -5,7 +5,7 @@ Two ways to run (both print ``FASTKD_BENCH_RESULT {...}`` lines on stdout):
 - ``python -m fastkd.bench.child --server`` (what :class:`fastkd.bench.core.MemoryServer` starts
   once per run): a clean process that imports torch, fastkd and the suites, never runs a tensor
   operation itself, and for each JSON spec line on stdin forks a fresh child that does the
-  measurement and exits. This saves the ~3 s interpreter + torch start-up per measurement; the
+  measurement and exits. This saves the interpreter + torch start-up (seconds) per measurement; the
   child's address space is a copy of the clean server, with none of the benchmark process's
   tensors, caches or compiled graphs.
 - ``python -m fastkd.bench.child`` with one JSON spec on stdin: the same measurement in this
@@ -102,7 +102,7 @@ def measure(spec: dict) -> dict:
         out = core.run_fwd(step, inputs)
         del out
     # One collection now (not between the measured calls: tensors are freed by reference
-    # counting, and a collection costs ~0.3 s with torch loaded).
+    # counting, and a collection walks every object torch has loaded).
     gc.collect()
     fwd_bwd = _measure(core.run_fwd_bwd, step, inputs, resettable)
     # Without a reset the forward must come second: it cannot raise the high-water mark that

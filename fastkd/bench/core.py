@@ -2,7 +2,8 @@
 
 Every suite (``suite_logit``, ``suite_feature``, ...) describes *what* to run: its configs, how to
 make inputs and one :class:`Contender` per implementation. This module decides *how* it is
-measured, the same way for all of them (BENCHMARKING.md):
+measured, the same way for all of them (docs/BENCHMARKING.md, "How time is measured" and "How
+memory is measured"):
 
 - time: warm-up, then the median of ``repeats`` calls of the forward alone and of forward +
   backward; inputs are random (never constant) and rotate among several sets when they are small

@@ -1,9 +1,9 @@
 """The stock PyTorch code a user writes today, which fastkd is compared against.
 
-Written from the formulas of SPEC.md (and the usual code of torchdistill / RepDistiller): every
-B x B (and, for the RKD angle, B x B x d and B x B x B) matrix is materialised, the teacher side is
-computed under ``torch.no_grad()``, and nothing is fused. These are benchmark baselines, not part
-of the fastkd API.
+Written from the formulas of docs/SPEC.md (and the usual code of torchdistill / RepDistiller):
+every B x B (and, for the RKD angle, B x B x d and B x B x B) matrix is materialised, the teacher
+side is computed under ``torch.no_grad()``, and nothing is fused. These are benchmark baselines,
+not part of the fastkd API.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def kd(s, t, y, temperature: float, divergence: str = "kl", beta: float = 0.5,
     """Logit KD as written by hand: ``D(softmax(t/T) || softmax(s/T)) * T^2 + hard_weight * CE``.
 
     ``"kl"`` is ``F.kl_div(F.log_softmax(s/T), F.softmax(t/T), reduction="batchmean") * T*T``;
-    ``"reverse_kl"``, ``"jsd"`` (mixture ``beta p + (1 - beta) q``) and ``"tvd"`` follow SPEC §1.
+    ``"reverse_kl"``, ``"jsd"`` (mixture ``beta p + (1 - beta) q``) and ``"tvd"`` follow
+    docs/SPEC.md §1.
     """
     T = temperature
     logq = F.log_softmax(s / T, dim=-1)
