@@ -60,6 +60,9 @@ def test_opcheck_logit(backend, device):
                                           True, -100, 0.1, "mean", True, [True, False], backend))
     torch.library.opcheck(L.logit_kd_op, (s, [t1], None, [1.0], 1.0, 1.0, 0.0, "kl", 0.5, True,
                                           -100, 0.0, "none", True, [True], backend))
+    num_items = torch.tensor(11, device=device).float()  # SPEC §1e: the step's count
+    torch.library.opcheck(L.logit_kd_op, (s, [t1], y, [1.0], 1.5, 1.0, 0.5, "kl", 0.5, True,
+                                          -100, 0.0, "mean", True, [True], backend, num_items))
 
 
 def test_opcheck_logit_checked_rows():

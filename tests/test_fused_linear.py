@@ -365,8 +365,9 @@ def test_opcheck_topk_kd():
     for reduction in ("mean", "none"):
         cfg = fastkd.logit.config.LogitKDConfig(temperature=1.5, hard_weight=0.3,
                                                   divergence="reverse_kl", reduction=reduction)
-        torch.library.opcheck(logit_kd_topk_op, (s, idx, lp, y,
-                                                 *cfg.as_args(), True))
+        num_items = torch.tensor(7.0) if reduction == "mean" else None
+        torch.library.opcheck(logit_kd_topk_op, (s, idx, lp, y, *cfg.as_args(), True, "cpu",
+                                                 num_items))
 
 
 @pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")

@@ -417,3 +417,86 @@ def test_hf_loader_needs_transformers():
             tc.load_hf_model("gpt2")
     else:
         pytest.skip("transformers is installed (and loading a model would need the hub)")
+
+
+# ------------------------------------------------------------------- wired into the losses
+def _loss_inputs(n=24, v=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=torch.float64)
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = -100
+    return s, t, y
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_kd_loss_retempers_a_topk_teacher(backend):
+    """A TopKTeacher at T_src with k = V is the dense teacher at the loss's T, through the loss."""
+    import fastkd
+    if backend == "cpu" and not fastkd.available_backends()["cpu"]["available"]:
+        pytest.skip("cpu extension not built")
+    s, t, y = _loss_inputs()
+    lp1 = torch.log_softmax(t, -1)
+    vals, idx = lp1.sort(-1, descending=True)
+    teacher = TopKTeacher(idx, vals, temperature=1.0)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    kd = fastkd.KDLoss(temperature=2.5, hard_weight=0.3, backend=backend)
+    got = kd(s.to(dtype), None, y, teacher_topk=teacher)
+    want = fastkd.KDLoss(temperature=2.5, hard_weight=0.3, backend="reference")(s, t, y)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    hs = torch.randn(s.shape[0], 6, dtype=torch.float64)
+    w = torch.randn(s.shape[1], 6, dtype=torch.float64)
+    fl = fastkd.FusedLinearKDLoss(temperature=2.5, backend=backend)
+    got = fl(hs.to(dtype), w.to(dtype), teacher_topk=teacher)
+    want = fastkd.FusedLinearKDLoss(temperature=2.5, backend="reference")(hs, w, teacher_logits=t)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "fused_linear"])
+def test_num_items_in_batch_sums_micro_batches_to_the_whole(kind):
+    """SPEC §1e: 4 micro-batches with uneven counted rows, each divided by the step's count, add
+    up to one call on the concatenated batch."""
+    import fastkd
+    s, t, y = _loss_inputs(n=37, v=30, seed=3)
+    s, t = s.float(), t.float()
+    y[30:] = -100  # the last micro-batch has few counted rows
+    s.requires_grad_(True)
+    k = 7
+    lp, idx = torch.log_softmax(t / 2.0, -1).topk(k)
+    hs = torch.randn(37, 5, requires_grad=True)
+    w = torch.randn(30, 5)
+
+    def call(rows, num_items=None):
+        if kind == "dense":
+            return fastkd.KDLoss(temperature=2.0, hard_weight=0.5)(
+                s[rows], t[rows], y[rows], num_items_in_batch=num_items)
+        if kind == "topk":
+            return fastkd.KDLoss(temperature=2.0, hard_weight=0.5)(
+                s[rows], None, y[rows], teacher_topk=(idx[rows], lp[rows]),
+                num_items_in_batch=num_items)
+        return fastkd.FusedLinearKDLoss(temperature=2.0, hard_weight=0.5)(
+            hs[rows], w, teacher_logits=t[rows], target=y[rows], num_items_in_batch=num_items)
+
+    whole = call(slice(0, 37))
+    grads_whole = torch.autograd.grad(whole, [s if kind != "fused_linear" else hs])[0]
+    n_items = torch.tensor(int((y != -100).sum()))
+    parts = sum(call(slice(a, b), n_items) for a, b in [(0, 5), (5, 19), (19, 30), (30, 37)])
+    grads_parts = torch.autograd.grad(parts, [s if kind != "fused_linear" else hs])[0]
+    assert abs(parts.item() - whole.item()) <= 1e-6 * abs(whole.item())
+    assert torch.allclose(grads_parts, grads_whole, rtol=1e-5, atol=1e-7)
+    # Divided by this call's count instead, the parts do not add up (the check can fail).
+    naive = sum(call(slice(a, b)) for a, b in [(0, 5), (5, 19), (19, 30), (30, 37)])
+    assert abs(naive.item() - whole.item()) > 1e-3 * abs(whole.item())
+
+
+def test_num_items_in_batch_errors():
+    import fastkd
+    s, t, y = _loss_inputs(n=4, v=5)
+    with pytest.raises(ValueError, match="num_items_in_batch.*reduction='mean'"):
+        fastkd.KDLoss(reduction="sum")(s, t, y, num_items_in_batch=3)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fastkd.KDLoss()(s, t, y, num_items_in_batch=torch.ones(2))
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fastkd.KDLoss()(s, t, y, num_items_in_batch=float("nan"))
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fastkd.KDLoss()(s, t, y, num_items_in_batch=-1)

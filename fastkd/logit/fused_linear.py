@@ -25,7 +25,7 @@ import torch
 
 from fastkd import _backend, _checks, _custom_op
 from fastkd._dtypes import work_dtype
-from fastkd._reduce import count_rows, reduce_rows
+from fastkd._reduce import check_num_items, mean_count, reduce_rows
 from fastkd.logit import topk as _topk
 from fastkd.logit import vocab_parallel
 from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, as_rows, raise_flags
@@ -158,12 +158,13 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
     return rows_out, flags, grads
 
 
-def _forward_pass(plan, tgt, inputs, idx, lp, need):
+def _forward_pass(plan, tgt, inputs, idx, lp, need, num_items=None):
     """The loss (reduced; ``[N]`` for ``"none"``) and the gradients asked for by ``need``
     (``"mean"``/``"sum"``; with ``"none"`` they are computed in backward, so all None), after
-    raising the kernels' data-dependent errors."""
+    raising the kernels' data-dependent errors. ``num_items``: the denominator of ``"mean"``
+    (SPEC §1e), or None for this call's count."""
     hs = inputs[0]
-    count = count_rows(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device)
+    count = mean_count(tgt, plan.cfg.ignore_index, hs.shape[0], hs.device, num_items)
     count = count.to(work_dtype(hs))  # float64 inputs (vocab-parallel path): exact 1/count
     deferred = plan.cfg.reduction == "none"
     grad_scale = (1.0 / count).reshape(1) if plan.cfg.reduction == "mean" else None
@@ -177,9 +178,10 @@ def _forward_pass(plan, tgt, inputs, idx, lp, need):
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
-        need = list(ctx.needs_input_grad[4:11])
-        loss, grads = _forward_pass(plan, tgt, (hs, ws, bs, ht, wt, bt, tl), idx, lp, need)
+    def forward(ctx, plan, tgt, idx, lp, num_items, hs, ws, bs, ht, wt, bt, tl):
+        need = list(ctx.needs_input_grad[5:12])
+        loss, grads = _forward_pass(plan, tgt, (hs, ws, bs, ht, wt, bt, tl), idx, lp, need,
+                                    num_items)
         deferred = plan.cfg.reduction == "none"
         ctx.plan, ctx.need, ctx.deferred = plan, need, deferred
         if deferred:
@@ -201,7 +203,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for g in grads:
                 if g is not None:
                     g.mul_(scale)  # in place: no second copy of a weight-sized gradient
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 # --- torch.library custom ops (the pattern of fastkd/_custom_op.py) for the single-process path.
@@ -210,7 +212,8 @@ _INPUTS_SCHEMA = ("Tensor hs, Tensor ws, Tensor? bs, Tensor? ht, Tensor? wt, Ten
                   "Tensor? tl, Tensor? target, Tensor? idx, Tensor? lp")
 _PLAN_SCHEMA = "int chunk, int vocab, str kind, bool[] need, str backend"
 _GRADS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-FUSED_LINEAR_SCHEMA = (f"({_INPUTS_SCHEMA}, {_CFG_SCHEMA}, {_PLAN_SCHEMA}) -> "
+FUSED_LINEAR_SCHEMA = (f"({_INPUTS_SCHEMA}, {_CFG_SCHEMA}, {_PLAN_SCHEMA}, "
+                       f"Tensor? num_items=None) -> "
                        f"(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 FUSED_LINEAR_BWD_SCHEMA = (f"(Tensor grad_rows, {_INPUTS_SCHEMA}, {_CFG_SCHEMA}, "
                            f"{_PLAN_SCHEMA}) -> {_GRADS}")
@@ -235,13 +238,14 @@ def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     float32 loss (scalar, or ``[N]`` with ``"none"``) and, for ``"mean"``/``"sum"``, the
     gradients asked for by ``need`` (others, and all with ``"none"``, are ``[0]``
     placeholders: ``"none"`` computes them in ``fastkd::fused_linear_kd_backward``)."""
-    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:]
+    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:14]
+    num_items = rest[14] if len(rest) > 14 else None
     plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
     inputs = (hs, ws, bs, ht, wt, bt, tl)
     if kind == "topk":
         _topk.check_topk_data(idx, lp, vocab)
     with _custom_op.kernel_context(hs.device):
-        loss, grads = _forward_pass(plan, target, inputs, idx, lp, need)
+        loss, grads = _forward_pass(plan, target, inputs, idx, lp, need, num_items)
     return (loss,) + _grad_outputs(grads, inputs)
 
 
@@ -276,7 +280,7 @@ def _fused_linear_bwd_fake(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, l
 
 
 def _fused_linear_setup(ctx, inputs, output):
-    rest = inputs[10:]
+    rest = inputs[10:24]  # the configuration and the plan; num_items only matters in forward
     ctx.reduction, ctx.need = rest[8], list(rest[12])
     ctx.rest = rest
     if ctx.reduction == "none":
@@ -296,7 +300,7 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
         grads = [g if n else None for g, n in zip(out, ctx.need)]
     else:
         grads = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "FusedLinearKDLoss")
-    return tuple(grads) + (None,) * (3 + 9 + 5)
+    return tuple(grads) + (None,) * (3 + 9 + 5 + 1)
 
 
 fused_linear_kd_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
@@ -386,7 +390,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                          teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
                          teacher_logits=None, *, cfg: LogitKDConfig, teacher_topk=None,
                          teacher_weights=None, backend="auto", chunk_size=None,
-                         process_group=None):
+                         process_group=None, num_items_in_batch=None):
     """See :class:`fastkd.FusedLinearKDLoss`; ``cfg`` is the validated configuration."""
     backend = _backend.check_backend_name(backend)
     if teacher_weights is not None:
@@ -415,7 +419,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     idx = lp = None
     if kind == "topk":
         idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device),
+                                      cfg.temperature,
                                       check_data=False)  # in the op (or the reference path)
+    num_items = check_num_items(num_items_in_batch, cfg.reduction, device)
     parallel = vocab_parallel.is_parallel(process_group)
     if parallel and (kind == "topk" or vocab_s != vocab_t):
         raise ValueError("with a process_group (vocabulary-parallel lm_head), the teacher must "
@@ -427,7 +433,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     if name == "reference" and not parallel:
         if kind == "topk":
             _topk.check_topk_data(idx, lp, vocab)
-        return _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+        return _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl,
+                               num_items)
     if hs.shape[0] == 0 and not parallel:
         zero = 0.0 * (hs.sum() + ws.sum())  # keeps the graph: zero gradients, not None
         return reduce_rows(torch.zeros(0, device=device), cfg.reduction, lead,
@@ -443,10 +450,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
         kernel = functools.partial(vocab_parallel.vocab_parallel_kd_forward,
                                    process_group=process_group)
         plan = _Plan(cfg, kernel, chunk, vocab, kind, lead)
-        return _FusedLinearKD.apply(plan, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl)
+        return _FusedLinearKD.apply(plan, tgt, idx, lp, num_items, hs, ws, bs, ht, wt, bt, tl)
     need = [_custom_op.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
     out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp, *cfg.as_args(), chunk,
-                             vocab, kind, need, name)
+                             vocab, kind, need, name, num_items)
     return out[0].reshape(lead) if cfg.reduction == "none" else out[0]
 
 
@@ -466,7 +473,8 @@ class _ShapeOnly:
         self.shape, self.device = torch.Size(shape), device
 
 
-def _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl):
+def _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt, tl,
+                    num_items=None):
     """The spec, literally: materialise the logits and apply SPEC §1 (autograd does the rest)."""
     s = _linear(hs, ws[:vocab], None if bs is None else bs[:vocab])
     kwargs = cfg.reference_kwargs()
@@ -476,5 +484,5 @@ def _reference_path(cfg, kind, vocab, lead, tgt, idx, lp, hs, ws, bs, ht, wt, bt
         t = _linear(ht, wt[:vocab], None if bt is None else bt[:vocab]) if kind == "linear" \
             else tl[:, :vocab]
         rows = kd_rows_reference(s, [t], tgt, weights=[1.0], **kwargs)
-    count = count_rows(tgt, cfg.ignore_index, s.shape[0], s.device)
+    count = mean_count(tgt, cfg.ignore_index, s.shape[0], s.device, num_items)
     return reduce_rows(rows, cfg.reduction, lead, count.to(rows.dtype))

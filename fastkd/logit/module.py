@@ -93,14 +93,26 @@ class KDLoss(torch.nn.Module):
 
     Sparse teacher (offline KD): ``teacher_topk=(indices, logprobs)``, each :math:`(*, k)`, in
     place of ``teacher_logits``: the teacher's k listed vocabulary entries (distinct,
-    :math:`1 \le k \le V`) and their log-probabilities, taken as given — store
-    ``log_softmax(t / T)`` of the distillation temperature; fastkd does not re-temper them. The
-    divergence is computed over k + 1 buckets: the listed entries, with :math:`P_j` =
-    ``exp(logprobs_j)`` and :math:`Q_j = q_{\text{indices}_j}`, and one residual bucket
-    :math:`1 - \sum_j P_j` (clamped at 0) against the student's remaining mass
-    :math:`1 - \sum_j Q_j`. With ``k == V`` the residual bucket is empty on both sides and the
-    loss equals the dense one. ``logprobs`` get no gradient. On every backend this path runs in
-    row chunks of PyTorch ops (loss and gradient in the forward pass), not a fused kernel.
+    :math:`1 \le k \le V`) and their log-probabilities at the distillation temperature. Logprobs
+    taken at another temperature (e.g. from an inference engine, at 1) are given as
+    ``teacher_topk=fastkd.TopKTeacher(indices, logprobs, temperature=T_src)`` and re-tempered to
+    ``temperature``: the listed entries weigh :math:`e^{l_i a}` with :math:`a = T_{src}/T`, the
+    residual mass :math:`r = 1 - \sum_i e^{l_i}` is taken as spread evenly over the
+    :math:`V - k` unlisted entries and tempered the same way, and the :math:`k + 1` weights are
+    renormalised (exact for :math:`T = T_{src}` and for :math:`k = V`; an approximation
+    otherwise, accurate when lowering the temperature and biased when raising it, see
+    :func:`fastkd.logit.topk_teacher.retemper_logprobs`). The divergence is computed over
+    k + 1 buckets: the listed entries, with :math:`P_j` = ``exp(logprobs_j)`` and
+    :math:`Q_j = q_{\text{indices}_j}`, and one residual bucket :math:`1 - \sum_j P_j` (clamped
+    at 0) against the student's remaining mass :math:`1 - \sum_j Q_j`. With ``k == V`` the
+    residual bucket is empty on both sides and the loss equals the dense one. ``logprobs`` get
+    no gradient.
+
+    Normalising across calls: ``forward(..., num_items_in_batch=n)`` with ``reduction="mean"``
+    divides the summed row losses by ``n`` (an int or a one-element tensor) instead of by this
+    call's count of rows, so that the losses of the micro-batches of one optimizer step (or of
+    data-parallel ranks) add up to the loss of their concatenation; pass the counted rows of the
+    whole step, as the Hugging Face ``Trainer`` does with its ``num_items_in_batch``.
 
     Shape:
         - student_logits: :math:`(*, V)`; teacher_logits: :math:`(*, V_t)` or a list of them.
@@ -119,10 +131,12 @@ class KDLoss(torch.nn.Module):
         super().__init__()
         _init_logit_module(self, locals())
 
-    def forward(self, student_logits, teacher_logits=None, target=None, *, teacher_topk=None):
+    def forward(self, student_logits, teacher_logits=None, target=None, *, teacher_topk=None,
+                num_items_in_batch=None):
         return functional.kd_loss(student_logits, teacher_logits, target,
                                   teacher_weights=self.teacher_weights, backend=self.backend,
                                   teacher_topk=teacher_topk, process_group=self.process_group,
+                                  num_items_in_batch=num_items_in_batch,
                                   **_current_config(self))
 
     def extra_repr(self) -> str:
@@ -200,13 +214,13 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
-                teacher_topk=None):
+                teacher_topk=None, num_items_in_batch=None):
         return functional.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
             teacher_bias, teacher_logits, teacher_topk=teacher_topk,
             teacher_weights=self.teacher_weights, backend=self.backend,
             chunk_size=self.chunk_size, process_group=self.process_group,
-            **_current_config(self))
+            num_items_in_batch=num_items_in_batch, **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _backend, _checks, _custom_op, _ext
-from fastkd._reduce import count_rows, reduce_rows
+from fastkd._reduce import check_num_items, mean_count, reduce_rows
 from fastkd.logit import topk
 from fastkd.logit.config import (CONFIG_SCHEMA, LogitKDConfig, as_rows, match_vocab,
                                  raise_flags, unit_stride, validate_inputs)
@@ -36,7 +36,7 @@ KERNELS = {"cpu": _ext_kernel, "cuda": _ext_kernel, "triton": _triton_kernel}
 
 
 def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
-                  teacher_weights):
+                  teacher_weights, num_items_in_batch):
     if teacher_logits is not None:
         raise ValueError("give either teacher_logits or teacher_topk, not both")
     if teacher_topk is None:
@@ -46,26 +46,29 @@ def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, bac
                          "teacher_topk")
     student, _, target = validate_inputs(student_logits, student_logits, target)
     name = _backend.select_backend(backend, student.device, [student.dtype], what="logits")
-    return topk.kd_loss_topk(student, teacher_topk, target, cfg, name)
+    num_items = check_num_items(num_items_in_batch, cfg.reduction, student.device)
+    return topk.kd_loss_topk(student, teacher_topk, target, cfg, name, num_items)
 
 
 # The fused kernels behind one torch.library custom op (the pattern is described in fastkd/_custom_op.py).
 LOGIT_KD_SCHEMA = (
     f"(Tensor student, Tensor[] teachers, Tensor? target, float[] weights, {CONFIG_SCHEMA}, "
-    f"bool need_grad_student, bool[] need_grad_teachers, str backend) "
+    f"bool need_grad_student, bool[] need_grad_teachers, str backend, "
+    f"Tensor? num_items=None) "
     f"-> (Tensor, Tensor, Tensor[])")
 
 
-@torch.library.custom_op(f"{_custom_op.NAMESPACE}::logit_kd", mutates_args=(), schema=LOGIT_KD_SCHEMA,
-                         **_custom_op.host_sync_tags())
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::logit_kd", mutates_args=(),
+                         schema=LOGIT_KD_SCHEMA, **_custom_op.host_sync_tags())
 def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                 divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                need_grad_student, need_grad_teachers, backend):
+                need_grad_student, need_grad_teachers, backend, num_items=None):
     """``fastkd::logit_kd``: the fused kernel of ``backend`` (cpu, cuda, triton) on rows.
 
     ``student`` ``[N, V]``, ``teachers`` ``[N, V]`` each in one dtype, ``target`` ``[N]`` int64
     or None; the configuration as validated by :class:`LogitKDConfig` (``reduction`` without the
-    alias). Returns ``(loss, grad_student, grad_teachers)``: the float32 loss (a scalar, or ``[N]``
+    alias); ``num_items``: the float32 denominator of ``"mean"`` (SPEC §1e), or None for this
+    call's count of rows. Returns ``(loss, grad_student, grad_teachers)``: the float32 loss (a scalar, or ``[N]``
     row losses with ``"none"``) and its gradients (each ``[N, V]`` in its input's dtype, or a
     ``[0]`` placeholder where ``need_grad_*`` is false). Raises the data-dependent errors of SPEC
     §Errors (target out of range, a row that is -inf everywhere) from the kernel's flags.
@@ -76,7 +79,7 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
     teachers = [unit_stride(t) for t in teachers]
     tgt = None if target is None else target.contiguous()
     with _custom_op.kernel_context(student.device):
-        count = count_rows(tgt, cfg.ignore_index, student.shape[0], student.device)
+        count = mean_count(tgt, cfg.ignore_index, student.shape[0], student.device, num_items)
         grad_scale = (1.0 / count).reshape(1) if cfg.reduction == "mean" else None
         row_loss, grad_s, grad_t, flags = KERNELS[backend](
             student, teachers, tgt, list(weights), cfg, grad_scale, bool(need_grad_student),
@@ -93,17 +96,18 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
 @logit_kd_op.register_fake
 def _logit_kd_fake(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                    divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                   need_grad_student, need_grad_teachers, backend):
+                   need_grad_student, need_grad_teachers, backend, num_items=None):
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (),
                              dtype=torch.float32)
-    grad_s = student.new_empty(student.shape) if need_grad_student else _custom_op.placeholder(student)
+    grad_s = student.new_empty(student.shape) if need_grad_student \
+        else _custom_op.placeholder(student)
     grad_t = [t.new_empty(t.shape) if n else _custom_op.placeholder(t)
               for t, n in zip(teachers, need_grad_teachers)]
     return loss, grad_s, grad_t
 
 
 def _logit_kd_setup(ctx, inputs, output):
-    *_, reduction, need_s, need_t, _backend_name = inputs
+    *_, reduction, need_s, need_t, _backend_name, _num_items = inputs
     _, grad_s, grad_t = output
     ctx.reduction = reduction
     _custom_op.save_gradients(ctx, [grad_s, *grad_t], [need_s, *need_t])
@@ -115,20 +119,20 @@ def _logit_kd_backward(ctx, grad_loss, _grad_s, _grad_t):
         grads = [None] * len(saved)
     else:
         grads = _custom_op.scale_saved(ctx, saved, grad_loss, "KD loss",
-                                 per_row=ctx.reduction == "none")
-    return (grads[0], list(grads[1:])) + (None,) * 14
+                                       per_row=ctx.reduction == "none")
+    return (grads[0], list(grads[1:])) + (None,) * 15
 
 
 logit_kd_op.register_autograd(_logit_kd_backward, setup_context=_logit_kd_setup)
 
 
 def kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, teacher_weights=None,
-            backend="auto", teacher_topk=None):
+            backend="auto", teacher_topk=None, num_items_in_batch=None):
     """Single-process logit KD for a validated ``cfg``; see :func:`fastkd.functional.kd_loss`."""
     backend = _backend.check_backend_name(backend)
     if teacher_topk is not None or teacher_logits is None:
         return _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
-                             teacher_weights)
+                             teacher_weights, num_items_in_batch)
     student, teachers, target = validate_inputs(student_logits, teacher_logits, target)
     student, teachers = match_vocab(student, teachers)
     weights = _checks.check_weights("teacher_weights", teacher_weights, len(teachers))
@@ -136,15 +140,16 @@ def kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, teach
     name = _backend.select_backend(backend, student.device,
                                    [student.dtype] + [t.dtype for t in teachers], what="logits")
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
+    num_items = check_num_items(num_items_in_batch, cfg.reduction, student.device)
     if name == "reference":
         s2 = student.reshape(-1, student.shape[-1])
         t2 = [t.reshape(-1, t.shape[-1]) for t in teachers]
         with _custom_op.no_autocast(s2.device):
             rows = kd_rows_reference(s2, t2, tgt, weights=weights, **cfg.reference_kwargs())
-            count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+            count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
             return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = as_rows(student)
     t2 = [as_rows(t).to(teachers[0].dtype) for t in teachers]
     loss, _, _ = logit_kd_op(s2, t2, tgt, weights, *cfg.as_args(), _custom_op.needs_grad(s2),
-                             [_custom_op.needs_grad(t) for t in t2], name)
+                             [_custom_op.needs_grad(t) for t in t2], name, num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

@@ -20,22 +20,32 @@ import torch
 
 from fastkd import _checks, _custom_op
 from fastkd._dtypes import work_dtype
-from fastkd._reduce import count_rows, reduce_rows
+from fastkd._reduce import mean_count, reduce_rows
 from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig
 from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows, jsd_endpoint,
                                     kd_rows_topk_reference)
+from fastkd.logit.topk_teacher import TopKTeacher, resolve_teacher_topk
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def validate_topk(teacher_topk, student_logits, check_data=True):
-    """Check ``teacher_topk = (indices, logprobs)`` against ``student_logits`` ``[*, V]``.
+def validate_topk(teacher_topk, student_logits, temperature, check_data=True):
+    """Check ``teacher_topk`` against ``student_logits`` ``[*, V]``: a pair ``(indices,
+    logprobs)`` at the loss's ``temperature``, or a :class:`~fastkd.TopKTeacher` (re-tempered
+    from its temperature to ``temperature``).
 
     Returns ``(indices [N, k] int64, logprobs [N, k])``. The device-data checks
     (:func:`check_topk_data`) run here with ``check_data``, else inside the custom op."""
+    if isinstance(teacher_topk, TopKTeacher):
+        vocab = student_logits.shape[-1]
+        if teacher_topk.k > vocab:
+            raise ValueError(f"teacher_topk has k = {teacher_topk.k} entries per row; need "
+                             f"1 <= k <= V = {vocab}")
+        teacher_topk = resolve_teacher_topk(teacher_topk, vocab, temperature)
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors")
+        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors or a "
+                        "fastkd.TopKTeacher")
     indices, logprobs = teacher_topk
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"teacher_topk indices must be an int64 (or int32) tensor, got "
@@ -209,22 +219,24 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
 
 
 TOPK_SCHEMA = (f"(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
-               f"{CONFIG_SCHEMA}, bool need_grad_student) -> (Tensor, Tensor)")
+               f"{CONFIG_SCHEMA}, bool need_grad_student, str backend, "
+               f"Tensor? num_items=None) -> (Tensor, Tensor)")
 
 
-@torch.library.custom_op(f"{_custom_op.NAMESPACE}::logit_kd_topk", mutates_args=(), schema=TOPK_SCHEMA,
-                         **_custom_op.host_sync_tags())
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::logit_kd_topk", mutates_args=(),
+                         schema=TOPK_SCHEMA, **_custom_op.host_sync_tags())
 def logit_kd_topk_op(student, indices, logprobs, target, *rest):
     """``fastkd::logit_kd_topk``: KD against a sparse top-k teacher on rows ``[N, V]``.
     Returns ``(loss, grad_student)`` (the gradient computed in forward, or a ``[0]``
-    placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows)."""
+    placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows).
+    ``num_items``: the denominator of ``"mean"`` (SPEC §1e), or None for this call's count."""
     cfg = LogitKDConfig.from_args(rest[:9])
     need = bool(rest[9])
+    num_items = rest[11] if len(rest) > 11 else None
     check_topk_data(indices, logprobs, student.shape[-1])
     with _custom_op.kernel_context(student.device):
-        count = count_rows(target, cfg.ignore_index, student.shape[0], student.device)
-        if student.dtype == torch.float64:
-            count = count.double()
+        count = mean_count(target, cfg.ignore_index, student.shape[0], student.device,
+                           num_items).to(work_dtype(student))
         grad_scale = (1.0 / count) if cfg.reduction == "mean" else None
         rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
                                         need)
@@ -247,27 +259,29 @@ def _topk_setup(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_loss, _grad):
     if grad_loss is None:
-        return (None,) * 14
+        return (None,) * 16
     (g,) = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "KD loss (teacher_topk)",
-                            per_row=ctx.reduction == "none")
-    return (g,) + (None,) * 13
+                                  per_row=ctx.reduction == "none")
+    return (g,) + (None,) * 15
 
 
 logit_kd_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
-def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str):
-    """KD loss against a sparse top-k teacher; ``cfg`` is a validated ``LogitKDConfig``."""
-    idx, lp = validate_topk(teacher_topk, student_logits, check_data=backend_name == "reference")
+def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, num_items=None):
+    """KD loss against a sparse top-k teacher; ``cfg`` is a validated ``LogitKDConfig``,
+    ``num_items`` the checked ``num_items_in_batch`` or None."""
+    idx, lp = validate_topk(teacher_topk, student_logits, cfg.temperature,
+                            check_data=backend_name == "reference")
     lead_shape = student_logits.shape[:-1]
     if backend_name == "reference":
         s2 = student_logits.reshape(-1, student_logits.shape[-1])
         tgt = None if target is None else target.reshape(-1).to(torch.int64)
         rows = kd_rows_topk_reference(s2, idx, lp, tgt, **cfg.reference_kwargs())
-        count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+        count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
         return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
-    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(),
-                               _custom_op.needs_grad(s2))
+    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(), _custom_op.needs_grad(s2),
+                               backend_name, num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastkd import _backend, _checks, _custom_op
 from fastkd._dtypes import work_dtype
-from fastkd._reduce import count_rows, reduce_rows
+from fastkd._reduce import check_num_items, mean_count, reduce_rows
 from fastkd.logit import ops
 from fastkd.logit.config import LogitKDConfig, validate_inputs
 from fastkd.logit.reference import jsd_endpoint
@@ -521,15 +521,16 @@ class _VocabParallelKD(torch.autograd.Function):
     """Forward: global statistics + local gradients; backward scales the saved gradients."""
 
     @staticmethod
-    def forward(ctx, cfg, weights, group, chunk_rows, lead_shape, target, student, *teachers):
+    def forward(ctx, cfg, weights, group, chunk_rows, lead_shape, num_items, target, student,
+                *teachers):
         s2 = student.reshape(-1, student.shape[-1])
         t2 = [t.reshape(-1, t.shape[-1]) for t in teachers]
         tgt = None if target is None else target.reshape(-1).to(torch.int64)
-        count = count_rows(tgt, cfg.ignore_index, s2.shape[0], s2.device)
+        count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
         count = count.to(work_dtype(student, *teachers))
         grad_scale = (1.0 / count) if cfg.reduction == "mean" else None
-        need_s = bool(ctx.needs_input_grad[6])
-        need_t = [bool(x) for x in ctx.needs_input_grad[7:]]
+        need_s = bool(ctx.needs_input_grad[7])
+        need_t = [bool(x) for x in ctx.needs_input_grad[8:]]
         row_loss, grad_s, grad_t, _ = vocab_parallel_kd_forward(
             s2, t2, tgt, weights, cfg, grad_scale, need_s, need_t, process_group=group,
             chunk_rows=chunk_rows)
@@ -549,14 +550,14 @@ class _VocabParallelKD(torch.autograd.Function):
             if g is not None and not unit:
                 g = (g.to(torch.promote_types(g.dtype, torch.float32)) * scale).to(g.dtype)
             grads.append(None if g is None else g.view(shape))
-        return (None,) * 6 + tuple(grads)
+        return (None,) * 7 + tuple(grads)
 
 
 def vocab_parallel_kd_loss(student_logits, teacher_logits, target=None, *, process_group,
                            temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                            beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                            reduction="mean", teacher_weights=None, backend="auto",
-                           chunk_rows=None):
+                           chunk_rows=None, num_items_in_batch=None):
     r"""Logit KD (SPEC §1, §1c) on logits whose vocabulary is sharded over ``process_group``.
 
     Rank ``r`` of the group passes the columns ``[V_0 + ... + V_{r-1}, + V_r)`` of the student
@@ -584,15 +585,18 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, target=None, *, proce
     cfg = LogitKDConfig.pick(locals())
     return sharded_kd_loss(student_logits, teacher_logits, target, cfg,
                            process_group=process_group, teacher_weights=teacher_weights,
-                           backend=backend, chunk_rows=chunk_rows)
+                           backend=backend, chunk_rows=chunk_rows,
+                           num_items_in_batch=num_items_in_batch)
 
 
 def sharded_kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *,
-                    process_group, teacher_weights=None, backend="auto", chunk_rows=None):
+                    process_group, teacher_weights=None, backend="auto", chunk_rows=None,
+                    num_items_in_batch=None):
     """:func:`vocab_parallel_kd_loss` for a validated ``cfg``."""
     if not is_parallel(process_group):
         return ops.kd_loss(student_logits, teacher_logits, target, cfg,
-                           teacher_weights=teacher_weights, backend=backend)
+                           teacher_weights=teacher_weights, backend=backend,
+                           num_items_in_batch=num_items_in_batch)
     _backend.check_backend_name(backend)
     student, teachers, target = validate_inputs(student_logits, teacher_logits, target)
     for i, t in enumerate(teachers):
@@ -602,5 +606,6 @@ def sharded_kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, 
                              f"{tuple(student.shape)}: with a process_group the shards of "
                              f"student and teachers must cover the same vocabulary columns")
     weights = _checks.check_weights("teacher_weights", teacher_weights, len(teachers))
+    num_items = check_num_items(num_items_in_batch, cfg.reduction, student.device)
     return _VocabParallelKD.apply(cfg, weights, process_group, chunk_rows, student.shape[:-1],
-                                  target, student, *teachers)
+                                  num_items, target, student, *teachers)
