@@ -629,3 +629,422 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
     else:
         launch(_logit_kd_kernel, (rows,), *args, **meta)
     return row_loss, grad_s, grad_t, flags
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse top-k teacher (SPEC §1b)
+# ----------------------------------------------------------------------------------------------
+# One program per row. The divergence runs over k + 1 buckets: the k listed entries (teacher
+# log P_j given, student log Q_j = (s_j - max s) / T - log Z) and the residual (P_res =
+# max(0, 1 - sum P_j), Q_res = the student mass on the unlisted entries, summed directly).
+#
+# (1) One sweep over V: max, Z (at T), Z1 (T = 1, hard CE) and, for the unlisted entries, their
+#     sum Z_rest and max. Which lanes of a chunk are listed comes from the row's indices sorted
+#     on the host: the chunk's listed indices are a contiguous run of them, found by counting,
+#     and a lane is looked up in that run by a branchless binary search (ceil(log2 run) gathers;
+#     none when the run is empty or covers the chunk). A residual more than e^40 below the max
+#     is summed again relative to its own max, so that underflow never empties it.
+# (2) A loop over the k entries in BLOCK_K blocks (gathered student loads): the divergence and
+#     the row sums its gradient needs. Every bucket's gradient with respect to its bucket logit,
+#     h_b = g_b - Q_b sum_c g_c (g_b = dD / dlog Q_b), is formed from those sums like the dense
+#     kernel's (KL: Q_b - P_b as q expm1(d) near P = Q), so a student close to its teacher keeps
+#     its relative accuracy.
+# (3) The gradient: h_res e_v / Z_rest at every entry (plus the hard CE term), then, after a
+#     block barrier, h_j (plus hard CE) written over the k listed entries.
+#
+# KL's and reverse KL's loss use the phi form of _kl_terms over the buckets, plus the excess
+# sum_b P_b - 1 (nonzero only when the listed mass exceeds 1 or the residual is empty).
+_FAR_RESIDUAL = tl.constexpr(40.0)  # nats: a residual sum below e^-40 of the row sum is recomputed
+
+
+@triton.jit
+def _listed_lanes(sidx_row, j, start, offs, n_sorted, V, BLOCK_V: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """(listed, cnt): which lanes of the chunk [start, start + BLOCK_V) are listed, and how many
+    listed indices the chunk holds; ``sidx_row`` holds the row's indices in ascending order and
+    ``j`` is the first position not in an earlier chunk."""
+    kl = tl.arange(0, BLOCK_K)
+    end = start + BLOCK_V
+    cnt = tl.zeros((), tl.int32)
+    c = tl.full((), BLOCK_K, tl.int32)
+    while c == BLOCK_K:
+        pos = j + cnt + kl
+        blk = tl.load(sidx_row + pos, mask=pos < n_sorted, other=2147483647)
+        c = tl.sum((blk < end).to(tl.int32), axis=0)
+        cnt += c
+    full = cnt == tl.minimum(end, V) - start
+    n = tl.where(full, 0, cnt)
+    base = tl.zeros([BLOCK_V], tl.int32) + j
+    # Largest position in [j, j + n) whose index is <= the lane (j when none is).
+    while n > 1:
+        half = n // 2
+        probe = tl.load(sidx_row + base + half)
+        base = tl.where(probe <= offs, base + half, base)
+        n -= half
+    found = tl.load(sidx_row + base, mask=(base >= 0) & (n > 0), other=-1) == offs
+    return full | found, cnt
+
+
+@triton.jit
+def _topk_stats(s_row, sidx_row, hi, n_sorted, inv_t, HARD: tl.constexpr, SMOOTH: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sweep (1): m = max s, Z, Z_rest (unlisted) at T relative to m, m_rest = max of the
+    unlisted s, Z1 at T = 1, nf = #{s != -inf} and ls = sum over finite s of (s - m)."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    m_rest = tl.full((), float("-inf"), tl.float32)
+    z = tl.zeros((), tl.float32)
+    z_rest = tl.zeros((), tl.float32)
+    z1 = tl.zeros((), tl.float32)
+    ls = tl.zeros((), tl.float32)
+    nf = tl.zeros((), tl.int32)
+    j = tl.zeros((), tl.int32)
+    for start in range(0, hi, BLOCK_V):
+        offs = start + lane
+        x = _load_row(s_row, offs, offs < hi)
+        listed, cnt = _listed_lanes(sidx_row, j, start, offs, n_sorted, hi, BLOCK_V, BLOCK_K)
+        j += cnt
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp((x - ref) * inv_t)
+        shift = tl.exp((m - ref) * inv_t)
+        z = z * shift + tl.sum(e, axis=0)
+        z_rest = z_rest * shift + tl.sum(tl.where(listed, 0.0, e), axis=0)
+        m_rest = tl.maximum(m_rest, tl.max(tl.where(listed, float("-inf"), x), axis=0))
+        if HARD:
+            z1 = z1 * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), axis=0)
+        if SMOOTH:
+            # Terms s - m are all <= 0: re-basing on a new max adds terms of the same sign.
+            fin = x != float("-inf")
+            ls = tl.where(nf == 0, 0.0, ls + nf.to(tl.float32) * (m - m_new))
+            ls += tl.sum(tl.where(fin, x - m_new, 0.0), axis=0)
+            nf += tl.sum(fin.to(tl.int32), axis=0)
+        m = m_new
+    return m, z, z_rest, m_rest, z1, nf, ls
+
+
+@triton.jit
+def _rest_sumexp(s_row, sidx_row, hi, n_sorted, ref, inv_t, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """sum over the unlisted entries of exp((s - ref) / T) (ref: their own max)."""
+    lane = tl.arange(0, BLOCK_V)
+    z = tl.zeros((), tl.float32)
+    j = tl.zeros((), tl.int32)
+    for start in range(0, hi, BLOCK_V):
+        offs = start + lane
+        x = _load_row(s_row, offs, offs < hi)
+        listed, cnt = _listed_lanes(sidx_row, j, start, offs, n_sorted, hi, BLOCK_V, BLOCK_K)
+        j += cnt
+        z += tl.sum(tl.where(listed, 0.0, tl.exp((x - ref) * inv_t)), axis=0)
+    return z
+
+
+@triton.jit
+def _listed_block(idx_row, lp_row, s_row, kk, km, ms, lzs, inv_t):
+    """One block of listed entries: (index, s, P, Q, d) with d = log P - log Q (-inf where P = 0,
+    +inf where s = -inf < P); lanes past k have P = Q = 0."""
+    idx = tl.load(idx_row + kk, mask=km, other=0)
+    lp = tl.load(lp_row + kk, mask=km, other=float("-inf")).to(tl.float32)
+    s = tl.load(s_row + idx, mask=km, other=float("-inf")).to(tl.float32)
+    lq = (s - ms) * inv_t - lzs
+    d = tl.where(lp == float("-inf"), float("-inf"),
+                 tl.where(s == float("-inf"), float("inf"), lp - lq))
+    return idx, s, tl.exp(lp), tl.exp(lq), d
+
+
+@triton.jit
+def _bucket_loss(DIV: tl.constexpr, p, q, d, beta, log_beta, log_1mbeta):
+    """Per-bucket terms (t0, t1, t2, t3) whose sums give D and its gradient's row sums:
+    kl: (phi-form terms, -, -, -); reverse kl: (phi-form terms, -q d, -, -); jsd: (p f, -q e,
+    -, -); tvd: (|p - q|, q [p > q], q [p < q], q [p == q])."""
+    t1 = tl.zeros_like(d)
+    t2 = tl.zeros_like(d)
+    t3 = tl.zeros_like(d)
+    if DIV == 0:
+        t0 = _kl_terms(p, q, d)
+    elif DIV == 1:
+        t0 = _kl_terms(q, p, -d)
+        t1 = tl.where(q == 0, 0.0, -q * d)
+    elif DIV == 2:
+        e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
+        t0 = tl.where(p == 0, 0.0, p * f)
+        t1 = tl.where(q == 0, 0.0, -q * e)
+    else:
+        diff = _p_minus_q(p, q, d)
+        t0 = tl.abs(diff)
+        t1 = tl.where(diff > 0, q, 0.0)
+        t2 = tl.where(diff < 0, q, 0.0)
+        t3 = tl.where(diff == 0, q, 0.0)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _bucket_h(DIV: tl.constexpr, p, q, d, excess, sum1, sum2, sum3, beta, log_beta, log_1mbeta):
+    """h_b = dD/dlog Q_b - Q_b sum_c dD/dlog Q_c: the gradient with respect to the bucket's
+    logit (kl: Q - P + excess Q; reverse kl: Q (-d - D); jsd: (1 - beta) Q (-e - sum -Q e);
+    tvd: by the sign class of P - Q, as in the dense kernel)."""
+    if DIV == 0:
+        h = excess * q - _p_minus_q(p, q, d)
+    elif DIV == 1:
+        h = tl.where(q == 0, 0.0, q * (-d - sum1))
+    elif DIV == 2:
+        e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
+        h = tl.where(q == 0, 0.0, (1.0 - beta) * q * (-e - sum1))
+    else:
+        diff = _p_minus_q(p, q, d)
+        h = q * tl.where(diff > 0, -sum2 - 0.5 * sum3,
+                         tl.where(diff < 0, sum1 + 0.5 * sum3, 0.5 * (sum1 - sum2)))
+    return h
+
+
+@triton.jit
+def _hard_grad(s, v, y, ms, lz1, c1, eps, V, SMOOTH: tl.constexpr):
+    """d CE / d s_v (T = 1, label smoothing over the finite entries, as the reference)."""
+    gh = tl.exp(s - ms - lz1) * c1 - tl.where(v == y, 1.0 - eps, 0.0)
+    if SMOOTH:
+        gh -= tl.where(s == float("-inf"), 0.0, eps / V)
+    return gh
+
+
+@triton.jit
+def _logit_topk_kernel(
+    s_ptr, s_stride, idx_ptr, lp_ptr, sidx_ptr, tgt_ptr, loss_ptr, g_ptr, scale_ptr, flags_ptr,
+    V, K, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
+    DIV: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, HARD: tl.constexpr,
+    SMOOTH: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    idx_row = idx_ptr + row * K
+    lp_row = lp_ptr + row * K
+    sidx_row = sidx_ptr + row * K
+
+    # Which rows count: ignored rows and bad targets are never read (loop bounds 0).
+    go = row >= 0
+    bad_target = row < 0
+    y = row * 0
+    if HAS_TARGET:
+        y = tl.load(tgt_ptr + row)
+        if HAS_IGNORE:
+            counted = y != ignore_index
+        else:
+            counted = go
+        bad_target = counted & ((y < 0) | (y >= V))
+        go = counted & (y >= 0) & (y < V)
+    hi = tl.where(go, V, 0)
+
+    # ---- (1) statistics over V ---------------------------------------------------------------
+    ms, zs, z_rest, m_rest, z1, nf, ls = _topk_stats(s_row, sidx_row, hi, K, inv_t, HARD,
+                                                     SMOOTH, BLOCK_V, BLOCK_K)
+    s_masked = (ms == NEG_INF) & (zs == 0.0)
+    flag = tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
+    tl.atomic_or(flags_ptr, flag, mask=flag != 0)
+    live = go & ((ms != NEG_INF) | (zs != 0.0))
+    lzs = tl.log(zs)
+    empty = m_rest == NEG_INF  # no unlisted finite entry (k = V, or the rest is masked)
+    far = live & (m_rest != NEG_INF) & ((m_rest - ms) * inv_t < -_FAR_RESIDUAL)
+    z_far = _rest_sumexp(s_row, sidx_row, tl.where(far, V, 0), K, m_rest, inv_t, BLOCK_V,
+                         BLOCK_K)
+    r_ref = tl.where(far, m_rest, ms)  # Z_rest is sum exp((s - r_ref) / T) over the unlisted
+    lzr = tl.log(tl.where(far, z_far, z_rest))
+    lq_res = tl.where(empty, NEG_INF, (r_ref - ms) * inv_t + lzr - lzs)
+
+    # ---- (2) the k + 1 buckets ---------------------------------------------------------------
+    log_beta = tl.log(beta)
+    log_1mbeta = tl.log(1.0 - beta)
+    hk = tl.where(live, K, 0)
+    kl = tl.arange(0, BLOCK_K)
+    acc_p = tl.zeros([BLOCK_K], tl.float32)
+    acc0 = tl.zeros([BLOCK_K], tl.float32)
+    acc1 = tl.zeros([BLOCK_K], tl.float32)
+    acc2 = tl.zeros([BLOCK_K], tl.float32)
+    acc3 = tl.zeros([BLOCK_K], tl.float32)
+    for j0 in range(0, hk, BLOCK_K):
+        kk = j0 + kl
+        _, _, p, q, d = _listed_block(idx_row, lp_row, s_row, kk, kk < hk, ms, lzs, inv_t)
+        t0, t1, t2, t3 = _bucket_loss(DIV, p, q, d, beta, log_beta, log_1mbeta)
+        acc_p += p
+        acc0 += t0
+        acc1 += t1
+        acc2 += t2
+        acc3 += t3
+    sum_p = tl.sum(acc_p, axis=0)
+    p_res = tl.where(empty, 0.0, tl.maximum(1.0 - sum_p, 0.0))
+    # sum_b P_b - 1, exactly 0 whenever the residual takes up the missing mass.
+    excess = tl.where(empty | (sum_p > 1.0), sum_p - 1.0, 0.0)
+    q_res = tl.exp(lq_res)
+    d_res = tl.where(p_res == 0.0, NEG_INF,
+                     tl.where(empty, float("inf"), tl.log(p_res) - lq_res))
+    r0, r1, r2, r3 = _bucket_loss(DIV, p_res, q_res, d_res, beta, log_beta, log_1mbeta)
+    sum0 = tl.sum(acc0, axis=0) + r0
+    sum1 = tl.sum(acc1, axis=0) + r1
+    sum2 = tl.sum(acc2, axis=0) + r2
+    sum3 = tl.sum(acc3, axis=0) + r3
+    if DIV == 0:
+        d_row = sum0 + excess
+    elif DIV == 1:
+        d_row = sum0 - excess
+    elif DIV == 2:
+        d_row = beta * sum0 + (1.0 - beta) * sum1
+    else:
+        d_row = 0.5 * sum0
+
+    lz1 = tl.log(z1)
+    # ---- (3) gradient -----------------------------------------------------------------------
+    if NEED_GRAD:
+        scale = 1.0
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr).to(tl.float32)
+        cf = soft_factor * inv_t * scale
+        hw = hard_weight * scale
+        c1 = 1.0 - eps + eps * nf.to(tl.float32) / V
+        h_res = _bucket_h(DIV, p_res, q_res, d_res, excess, sum1, sum2, sum3, beta, log_beta,
+                          log_1mbeta)
+        c_res = tl.where(empty, 0.0, cf * h_res)
+        lzr_g = tl.where(empty, float("inf"), lzr)  # e_v / Z_rest = 0 when there is no rest
+        g_row = g_ptr + row * V  # the gradient is contiguous [N, V]
+        lane = tl.arange(0, BLOCK_V)
+        hi2 = tl.where(live, V, 0)
+        # Every entry as if unlisted (non-counted rows: zeros, nothing read) ...
+        for start in range(0, V, BLOCK_V):
+            offs = start + lane
+            s = _load_row(s_row, offs, offs < hi2)
+            # e_v / Z_rest <= 1 for an unlisted entry; the cap keeps listed ones (rewritten
+            # below) finite.
+            g = c_res * tl.exp(tl.minimum((s - r_ref) * inv_t - lzr_g, 0.0))
+            if HARD:
+                g += hw * _hard_grad(s, offs, y, ms, lz1, c1, eps, V, SMOOTH)
+            g = tl.where(live, g, 0.0)
+            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+        # ... then the listed entries over it: every thread's stores above land first.
+        tl.debug_barrier()
+        for j0 in range(0, hk, BLOCK_K):
+            kk = j0 + kl
+            km = kk < hk
+            idx, s, p, q, d = _listed_block(idx_row, lp_row, s_row, kk, km, ms, lzs, inv_t)
+            g = cf * _bucket_h(DIV, p, q, d, excess, sum1, sum2, sum3, beta, log_beta,
+                               log_1mbeta)
+            if HARD:
+                g += hw * _hard_grad(s, idx, y, ms, lz1, c1, eps, V, SMOOTH)
+            tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=km)
+
+    loss = soft_factor * d_row
+    if HARD:
+        s_y = tl.load(s_row + y, mask=live, other=0.0).to(tl.float32)
+        ce = lz1 - (s_y - ms)
+        if SMOOTH:
+            # sum over finite v of -log q1_v = nf log Z1 - sum (s_v - m)
+            ce = (1.0 - eps) * ce + eps * (nf.to(tl.float32) * lz1 - ls) / V
+        loss += hard_weight * ce
+    tl.store(loss_ptr + row, tl.where(live, loss, 0.0))
+
+
+def topk_launch_config(vocab: int, k: int, on_cpu: bool) -> dict:
+    """Launch options of ``_logit_topk_kernel``: ``BLOCK_V``, ``BLOCK_K``, ``num_warps`` (and
+    ``maxnreg``). GPU: 4 warps, 8 vocabulary elements per thread (chunks of 1024), blocks of
+    16 to 128 listed entries. Interpreter: chunks up to 1024, one warp."""
+    block_v = triton.next_power_of_2(max(vocab, 2))
+    block_k = triton.next_power_of_2(max(k, 2))
+    if on_cpu:
+        return {"BLOCK_V": min(block_v, 1024), "BLOCK_K": min(block_k, 1024), "num_warps": 1}
+    block_v = min(block_v, 1024)
+    return {"BLOCK_V": block_v, "BLOCK_K": max(16, min(block_k, 128)),
+            "num_warps": max(1, min(4, block_v // 256)), "maxnreg": MAX_REGISTERS}
+
+
+def logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale, need_grad, *,
+                       block_v=None, block_k=None, num_warps=None):
+    """KD against a sparse top-k teacher (SPEC §1b) on the Triton backend: the row losses and
+    the student gradient in one launch (plus a sort of the indices).
+
+    Args:
+        student: ``[N, V]`` float32/bfloat16/float16 logits, unit stride along V.
+        indices: ``[N, k]`` int64, in range and distinct within a row (checked by the caller).
+        logprobs: ``[N, k]`` float tensor (read as float32), listed mass <= 1 + 1e-3.
+        target: int64 ``[N]`` or ``None``.
+        cfg: a :class:`fastkd.logit.config.LogitKDConfig`.
+        grad_scale: one-element float32 tensor multiplying the gradient, or ``None``.
+        need_grad: write the student gradient.
+        block_v, block_k, num_warps: launch overrides (tests); see :func:`topk_launch_config`.
+
+    Returns:
+        ``(row_loss, grad, flags)``: ``row_loss`` float32 ``[N]`` (0 at rows that do not count);
+        ``grad`` ``[N, V]`` contiguous in the student dtype (0 at those rows) or ``None``;
+        ``flags`` int32 ``[1]``: 1 (a counted target outside [0, V)), 2 (a counted student row
+        all -inf). Rows with a flag get loss 0 and gradient 0; the caller raises.
+    """
+    if not isinstance(student, torch.Tensor) or student.dim() != 2:
+        raise ValueError("student_logits must be a 2-D tensor [N, V] here")
+    rows, vocab = student.shape
+    if not 1 <= vocab < 2 ** 31:
+        raise ValueError("student_logits: V must be in [1, 2^31)")
+    if student.dtype not in _DTYPES:
+        raise TypeError(f"student_logits: the triton backend takes float32, bfloat16 or float16, "
+                        f"got {student.dtype}")
+    if vocab > 1 and student.stride(1) != 1:
+        raise ValueError("student_logits: the vocabulary stride must be 1")
+    device = student.device
+    if device.type == "cpu" and not _interpreting():
+        raise RuntimeError("the 'triton' backend needs CUDA tensors (or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before triton is imported)")
+    if indices.dim() != 2 or indices.shape[0] != rows or indices.dtype != torch.int64:
+        raise ValueError("teacher_topk indices must be an int64 tensor [N, k]")
+    k = indices.shape[1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk: need 1 <= k <= V = {vocab}, got k = {k}")
+    if logprobs.shape != indices.shape or not logprobs.dtype.is_floating_point:
+        raise ValueError("teacher_topk logprobs must be a float tensor shaped like indices")
+    if indices.device != device or logprobs.device != device:
+        raise ValueError("teacher_topk must be on the student's device")
+    if target is not None:
+        if target.dtype != torch.int64 or target.numel() != rows or target.device != device:
+            raise ValueError("target must be an int64 tensor [N] on the student's device")
+        target = target.reshape(rows).contiguous()
+
+    row_loss = torch.empty(rows, dtype=torch.float32, device=device)
+    flags = torch.zeros(1, dtype=torch.int32, device=device)
+    grad = torch.empty((rows, vocab), dtype=student.dtype, device=device) if need_grad else None
+    if rows == 0:
+        return row_loss, grad, flags
+    scale = None
+    if grad_scale is not None:
+        if grad_scale.numel() != 1:
+            raise ValueError("grad_scale must hold one value")
+        scale = grad_scale.to(device=device, dtype=torch.float32).reshape(1).contiguous()
+
+    indices = indices.contiguous()
+    logprobs = logprobs.contiguous()
+    # Sorted per row, the listed indices of a vocabulary chunk are one contiguous run.
+    sorted_idx = torch.sort(indices.to(torch.int32), dim=1).values
+
+    div, beta = cfg.kernel_divergence
+    hard = target is not None and cfg.hard_weight != 0.0
+    smooth = hard and cfg.label_smoothing != 0.0
+    ignore = int(cfg.ignore_index)
+    has_ignore = _INT64_MIN <= ignore <= _INT64_MAX
+    opts = topk_launch_config(vocab, k, device.type == "cpu")
+    for name, value in (("BLOCK_V", block_v), ("BLOCK_K", block_k)):
+        if value is not None:
+            if value < 2 or value & (value - 1):
+                raise ValueError(f"{name.lower()} must be a power of two >= 2, got {value}")
+            opts[name] = int(value)
+    if num_warps is not None:
+        opts["num_warps"] = int(num_warps)
+
+    args = (
+        student, student.stride(0), indices, logprobs, sorted_idx,
+        target if target is not None else row_loss, row_loss,
+        grad if grad is not None else student, scale if scale is not None else row_loss, flags,
+        vocab, k, ignore if has_ignore else 0, 1.0 / cfg.temperature, float(beta),
+        float(cfg.soft_factor), float(cfg.hard_weight), float(cfg.label_smoothing),
+    )
+    meta = dict(DIV=int(div), HAS_TARGET=target is not None, HAS_IGNORE=has_ignore, HARD=hard,
+                SMOOTH=smooth, NEED_GRAD=bool(need_grad), HAS_SCALE=scale is not None, **opts)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            launch(_logit_topk_kernel, (rows,), *args, **meta)
+    else:
+        launch(_logit_topk_kernel, (rows,), *args, **meta)
+    return row_loss, grad, flags
