@@ -90,10 +90,11 @@ class _Accumulator:
 class _Plan:
     """Everything about one call that is not a tensor (shapes, flags, config, backend)."""
 
-    def __init__(self, cfg, kernel, chunk, vocab, teacher_kind, lead_shape):
+    def __init__(self, cfg, kernel, chunk, vocab, teacher_kind, lead_shape, topk_kernel=None):
         self.cfg, self.kernel, self.chunk, self.vocab = cfg, kernel, chunk, vocab
         self.teacher_kind = teacher_kind  # "linear" | "logits" | "topk"
         self.lead_shape = lead_shape
+        self.topk_kernel = topk_kernel  # the backend's fused top-k kernel, if it has one
 
 
 def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale, row_scale):
@@ -123,7 +124,12 @@ def _run_chunks(plan, tgt, hs, ws, bs, ht, wt, bt, tl, idx, lp, need, grad_scale
         hi = min(n, lo + plan.chunk)
         s = _linear(hs[lo:hi], ws_v, bs_v)
         tg = None if tgt is None else tgt[lo:hi]
-        if plan.teacher_kind == "topk":
+        if plan.teacher_kind == "topk" and plan.topk_kernel is not None:
+            scale = None if grad_scale is None else grad_scale.reshape(1)
+            rows, gs, fl = plan.topk_kernel(s, idx[lo:hi], lp[lo:hi], tg, cfg, scale, need_s)
+            flags.bitwise_or_(fl.reshape(()).to(torch.int32))
+            gt = None
+        elif plan.teacher_kind == "topk":
             rows, gs = _topk.topk_rows_and_grad(s, idx[lo:hi], lp[lo:hi], tg, cfg, grad_scale,
                                                 need_s)
             gt = None
@@ -220,7 +226,8 @@ FUSED_LINEAR_BWD_SCHEMA = (f"(Tensor grad_rows, {_INPUTS_SCHEMA}, {_CFG_SCHEMA},
 
 def _plan_from(cfg_args, chunk, vocab, kind, backend):
     cfg = LogitKDConfig.from_args(cfg_args)
-    return _Plan(cfg, KERNELS[backend], chunk, vocab, kind, None)
+    return _Plan(cfg, KERNELS[backend], chunk, vocab, kind, None,
+                 _topk.FUSED_KERNELS.get(backend))
 
 
 def _grad_outputs(grads, inputs):

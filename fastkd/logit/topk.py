@@ -5,12 +5,14 @@ entries and their log-probabilities, stored ahead of training. The divergence is
 k + 1 buckets (the listed entries and one residual bucket), see
 :func:`fastkd.logit.reference.topk_bucket_logprobs`.
 
-On every backend the loss and the student gradient are computed together in the forward pass,
-in row chunks of PyTorch ops so that the float32 temporaries stay O(chunk * V) (the student
-gradient itself is written in the student's dtype); backward only scales that gradient. Per
-chunk: three row statistics over V (logsumexp of all entries, of the unlisted ones, and at
-T = 1 for the hard term), the divergence and its bucket gradients on the small [rows, k + 1]
-tensors (through the reference's ``divergence_rows``), and one write of the gradient over V.
+The loss and the student gradient are computed together in the forward pass; backward only
+scales that gradient. Backends with a fused kernel (:data:`FUSED_KERNELS`: Triton) do it in one
+launch per call. The others run :func:`topk_rows_and_grad`: row chunks of PyTorch ops, so that
+the float32 temporaries stay O(chunk * V) (the student gradient itself is written in the
+student's dtype). Per chunk: three row statistics over V (logsumexp of all entries, of the
+unlisted ones, and at T = 1 for the hard term), the divergence and its bucket gradients on the
+small [rows, k + 1] tensors (through the reference's ``divergence_rows``), and one write of the
+gradient over V.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from fastkd import _checks, _custom_op
 from fastkd._dtypes import work_dtype
 from fastkd._reduce import mean_count, reduce_rows
-from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig
+from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, raise_flags, unit_stride
 from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows, jsd_endpoint,
                                     kd_rows_topk_reference)
 from fastkd.logit.topk_teacher import TopKTeacher, resolve_teacher_topk
@@ -218,6 +220,17 @@ def topk_rows_and_grad(s2, idx, lp, tgt, cfg, grad_scale, need_grad: bool):
     return rows_out, grad
 
 
+def _triton_topk(student, indices, logprobs, target, cfg, grad_scale, need):
+    from fastkd.logit import triton_kernel
+    return triton_kernel.logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale,
+                                            need)
+
+
+#: Backends with a fused top-k kernel (one pass over the student row, loss and gradient in one
+#: launch); the others run :func:`topk_rows_and_grad` (chunks of PyTorch ops).
+FUSED_KERNELS = {"triton": _triton_topk}
+
+
 TOPK_SCHEMA = (f"(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
                f"{CONFIG_SCHEMA}, bool need_grad_student, str backend, "
                f"Tensor? num_items=None) -> (Tensor, Tensor)")
@@ -238,8 +251,17 @@ def logit_kd_topk_op(student, indices, logprobs, target, *rest):
         count = mean_count(target, cfg.ignore_index, student.shape[0], student.device,
                            num_items).to(work_dtype(student))
         grad_scale = (1.0 / count) if cfg.reduction == "mean" else None
-        rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
-                                        need)
+        kernel = FUSED_KERNELS.get(rest[10])
+        if kernel is None:
+            rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
+                                            need)
+        else:
+            rows, grad, flags = kernel(unit_stride(student), indices, logprobs, target, cfg,
+                                       None if grad_scale is None else grad_scale.reshape(1),
+                                       need)
+            bits = int(flags.item())
+            if bits:
+                raise_flags(bits, cfg.ignore_index, student.shape[-1], False)
         loss = reduce_rows(rows, cfg.reduction, rows.shape, count.to(rows.dtype))
     return loss, _custom_op.placeholder(student) if grad is None else grad
 
