@@ -3,7 +3,8 @@
 //
 // Tile kernels: one block of kThreads threads per tile row; the threads stride along the row
 // (coalesced reads of the Gram tile and of the column statistics) and the row sums are reduced
-// through shared memory at the end. The Gram tiles themselves come from cuBLAS (the glue).
+// through shared memory at the end. The Gram tiles themselves come from cuBLAS
+// (csrc/tiled/relation_tiles.h).
 //
 // RKD angle: two O(B^3) kernels over the full B x B matrices.
 //   angle_t_kernel: thread (i, k), loop over anchors j -> t[i][k] = sum_j H_jik.

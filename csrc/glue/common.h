@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <type_traits>
+
 #ifdef FASTKD_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +11,7 @@
 
 #include "fastkd/common.h"
 #include "fastkd/cuda_kernels.h"
+#include "tiled/kernel.h"
 
 namespace fastkd::glue {
 
@@ -52,5 +55,53 @@ inline void* current_stream(const at::Tensor& t) {
   return static_cast<void*>(at::cuda::getCurrentCUDAStream(t.device().index()).stream());
 }
 #endif
+
+// The current device set to a CUDA tensor's device for the scope; nothing for a CPU tensor.
+struct DeviceScope {
+#ifdef FASTKD_WITH_CUDA
+  c10::optional<c10::cuda::CUDAGuard> guard;
+  explicit DeviceScope(const at::Tensor& t) {
+    if (t.is_cuda()) guard.emplace(t.device());
+  }
+#else
+  explicit DeviceScope(const at::Tensor&) {}
+#endif
+};
+
+template <typename Params>
+using CudaLauncher = int (*)(const Params&, void*);
+
+// One kernel of csrc/include/fastkd as the implementation that serves `t` runs it: the CUDA
+// launcher on the current stream, the emulated launcher, or the CPU kernel. A failed launch throws.
+template <typename Params>
+tiled::Kernel<Params> kernel_for(const at::Tensor& t, const char* name, void (*cpu)(const Params&),
+                                 std::type_identity_t<CudaLauncher<Params>> cuda,
+                                 CudaLauncher<Params> CudaKernelTable::*emulated) {
+  if (t.is_cuda()) {
+    TORCH_CHECK(cuda != nullptr, "fastkd was built without CUDA kernels");
+#ifdef FASTKD_WITH_CUDA
+    return [t, name, cuda](const Params& p) {
+      check_cuda_status(cuda(p, current_stream(t)), name);
+    };
+#endif
+  }
+  if (emulating_cuda(t)) {
+    return [name, emulated](const Params& p) {
+      check_emulated_status((cuda_emulation()->*emulated)(p, nullptr), name);
+    };
+  }
+  return cpu;
+}
+
+#ifdef FASTKD_WITH_CUDA
+#define FASTKD_CUDA_LAUNCHER(name) &::fastkd::name##_cuda
+#else
+#define FASTKD_CUDA_LAUNCHER(name) nullptr
+#endif
+// kernel_for of the kernel `name` (sp_stats, feature_kd_epilogue, ...): name_cpu, name_cuda and
+// the emulator's table entry `name`.
+#define FASTKD_KERNEL(tensor, name)                                                       \
+  ::fastkd::glue::kernel_for(tensor, "fastkd " #name "_cuda", &::fastkd::name##_cpu,      \
+                             FASTKD_CUDA_LAUNCHER(name), &::fastkd::CudaKernelTable::name)
 
 }  // namespace fastkd::glue

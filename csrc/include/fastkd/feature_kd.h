@@ -1,5 +1,5 @@
 // Feature KD (SPEC §2): the fused loss/gradient epilogue that runs on one chunk of rows right
-// after the adapter GEMM y = x W^T (torch glue: csrc/glue/feature.h).
+// after the adapter GEMM y = x W^T (torch side: csrc/tiled/feature_chunks.h).
 //
 // A chunk is a block of rows laid out as [outer, dim, inner]: row (o, i) has index o * inner + i
 // and its `dim` channels are at base + o * s_outer + c * s_chan + i * s_inner. Two layouts exist:

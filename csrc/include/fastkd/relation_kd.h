@@ -1,7 +1,7 @@
 // Relation KD (SPEC §3): the pure kernels of the blocked computation. No torch types here.
 //
-// The torch glue (csrc/glue/relation.h) never builds a B x B matrix for SP, RKD-distance or PKT.
-// It walks over row tiles: for rows [row0, row0 + rows) it computes the Gram tiles
+// The torch side (csrc/tiled/relation_tiles.h) never builds a B x B matrix for SP, RKD-distance
+// or PKT. It walks over row tiles: for rows [row0, row0 + rows) it computes the Gram tiles
 //   gs[r, j] = x_s[row0 + r] . x_s[j],   gt[r, j] = x_t[row0 + r] . x_t[j]     (j = 0..batch-1)
 // with one GEMM each (float32 result, row-major, leading dimension `batch`), then calls one of
 // the "tile" kernels below, which turn the tile into
@@ -9,8 +9,8 @@
 //     sums of c for PKT), or
 //   - sweep 2: per-row loss partials, per-row reductions needed by the gradient through those
 //     statistics, and a weight tile W written over gs (gt for the teacher side) such that the
-//     gradient contribution of these rows is W @ X: the glue contracts it at once, so dL/dG is
-//     never stored beyond one tile.
+//     gradient contribution of these rows is W @ X: the torch side contracts it at once, so dL/dG
+//     is never stored beyond one tile.
 // The RKD angle works on full B x B matrices (O(B^2) memory, never B x B x B or B x B x d).
 //
 // Every kernel reads the tile element (i, j) and writes its weight at the same place, and for
@@ -46,7 +46,7 @@ constexpr float kRelCoincident = 9.5367431640625e-07f;  // 2^-20
 //                     gs_ij <- 2 scale (inv_s_i D_ij + inv_s_j D_ji)
 //   teacher (need_t): the same with s and t swapped (the loss is symmetric in s and t).
 // The gradient through the row norms, -(w (.) G X + G (w (.) X)) with w_i = 2 scale a_i inv_i^2
-// (0 where the norm is clamped), is added by the glue after the sweep.
+// (0 where the norm is clamped), is added by the torch side after the sweep.
 struct SPTileParams {
   int64_t batch = 0, row0 = 0, rows = 0;
   float* gs = nullptr;          // [rows, batch]
@@ -66,7 +66,7 @@ struct SPTileParams {
 // RKD distance, on centred features with squared norms n. For i != j:
 //   q_ij = n_i + n_j - 2 G_ij; coincident if q_ij <= max(1e-12, kRelCoincident (n_i + n_j));
 //   d_ij = 1e-6 if coincident else sqrt(q_ij);  d_ii = 0.
-// Sweep 1 (rkd_stats): row_dsum_s[i] = sum_{j != i} ds_ij (teacher likewise); the glue forms
+// Sweep 1 (rkd_stats): row_dsum_s[i] = sum_{j != i} ds_ij (teacher likewise); the torch side forms
 //   mu = sum / (B (B - 1)) (every off-diagonal distance is >= 1e-6 > 0).
 // Sweep 2 (rkd_tile), r_ij = ds_ij *inv_mu_s - dt_ij *inv_mu_t, h_ij = clamp(r_ij, -1, 1):
 //   row_loss[i] = sum_{j != i} smooth_l1(r_ij)
@@ -74,7 +74,8 @@ struct SPTileParams {
 //            us_ij <- U_ij = 1 / ds_ij;  row_v_s[i] = sum_j V_ij;  row_u_s[i] = sum_j U_ij
 //            (V = U = 0 on the diagonal and at coincident pairs, where dd/dx = 0)
 //   teacher: the same with s and t swapped (h -> -h).
-// The glue then forms grad = 2 scale inv_mu ((row_v x - V X) - A / (B (B - 1)) (row_u x - U X)),
+// The torch side then forms
+//   grad = 2 scale inv_mu ((row_v x - V X) - A / (B (B - 1)) (row_u x - U X)),
 // A = sum_i row_a[i]: the second term is the gradient through the mean distance.
 struct RKDTileParams {
   int64_t batch = 0, row0 = 0, rows = 0;
@@ -87,7 +88,7 @@ struct RKDTileParams {
   float* row_dsum_s = nullptr;  // sweep 1 outputs [batch]
   float* row_dsum_t = nullptr;
   const float* inv_mu_s = nullptr;  // sweep 2 input: one float each, 1 / mean distance (on the
-  const float* inv_mu_t = nullptr;  // kernel's device, so the glue never waits for the host)
+  const float* inv_mu_t = nullptr;  // kernel's device, so the torch side never waits for the host)
   bool need_s = false, need_t = false;
   float* row_loss = nullptr;    // sweep 2 outputs [batch]
   float* row_a_s = nullptr;
@@ -106,7 +107,7 @@ struct RKDTileParams {
 // Outputs (B x B, row-major):
 //   t[i][k] = sum_j H_jik;  r[j][i] = sum_k H_jik;  e[j][i] = scale sum_k h_jik psi_jik
 //   (teacher e uses -h and psi_t), loss partials of sum smooth_l1(psi_s - psi_t).
-// The glue finishes dL/dG = t - r - r^T + diag(rowsum r) + 2 e rd^2 and dL/dn = -(rowsum +
+// The torch side finishes dL/dG = t - r - r^T + diag(rowsum r) + 2 e rd^2 and dL/dn = -(rowsum +
 // colsum of e rd^2), then grad = (dL/dG + dL/dG^T) X + 2 dL/dn (.) X.
 // Loss partials: the CPU kernel writes loss_part[i] (length batch); the CUDA kernel writes
 // loss_part[(j / kAngleAnchorBlock) * batch + i] (length ceil(batch / kAngleAnchorBlock) * batch).
@@ -144,7 +145,7 @@ struct RKDAngleParams {
 //   instead of cancelling two large terms in float32)
 //   (x_ji uses P_ji = c_ij / rsum_j). W @ X is then the gradient w.r.t. the normalised rows up
 //   to the row-sum correction -beta_i sum_j e_hat_j - sum_j beta_j e_hat_j, beta = b / (2 rsum),
-//   and the chain rule through the normalisation, both applied by the glue.
+//   and the chain rule through the normalisation, both applied by the torch side.
 struct PKTTileParams {
   int64_t batch = 0, row0 = 0, rows = 0;
   float* gs = nullptr;
