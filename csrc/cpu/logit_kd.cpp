@@ -116,21 +116,494 @@ struct Scratch {
   std::vector<std::vector<float>> t;
 };
 
+#define FASTKD_INLINE inline __attribute__((always_inline))
+
+// Sweep 1's findings on a row: where its float32 copies are, and its scalar statistics.
+struct RowStats {
+  int64_t V = 0, Vp = 0;  // vocabulary, padded to whole vectors
+  int nt = 1;
+  const float* xs = nullptr;                  // student logits (padded with -inf)
+  const float* xt[kMaxTeachers] = {};         // teacher logits
+  const float* lp = nullptr;                  // teacher-mixture log-probabilities (nt > 1)
+  const float *es = nullptr, *et = nullptr;   // exp((x - max) / T) of the student, teacher 0
+  const float* e1 = nullptr;                  // exp(s - max) (hard CE)
+  float inv_t = 1.f;
+  float ms = 0.f, lzs = 0.f;                  // student max, log Z at temperature T
+  double lzs_d = 0.0;
+  int64_t js = 0;                             // student argmax
+  float mt[kMaxTeachers] = {}, lzt[kMaxTeachers] = {};
+  double lzt_d[kMaxTeachers] = {};            // log Z of each teacher, unrounded (see kl_terms)
+  int64_t jt[kMaxTeachers] = {};
+  double log_zs_zt = 0.0;                     // log(Zs / Zt), one teacher
+  float lz1 = 0.f, finite_sum = 0.f, n_finite = 0.f;  // hard CE: log Z at T = 1, finite logits
+};
+
+// log(Zs / Zt) for one teacher. KL and reverse KL take lzs - lzt (its rounding, ~eps, is a
+// common shift of d that cancels to first order in kl_terms). TVD and JSD do not cancel it, so
+// there it is log1p((Zs - Zt) / Zt) with Zs - Zt = sum et (expm1(((s - t) - (ms - mt)) / T))
+// (the exact difference where the exponents are close), accurate when the student is close to
+// its teacher relative to the logits' magnitude.
+double log_zs_over_zt(const RowStats& st, Divergence div) {
+  if (st.nt != 1) return 0.0;
+  if (div != Divergence::TVD && div != Divergence::JSD) return st.lzs_d - st.lzt_d[0];
+  const Vec vd0(st.ms - st.mt[0]), vinv0(st.inv_t), one(1.f), zero0(0.f);
+  double dz[1];
+  block_sums<1>(st.Vp, [&](int64_t v, Vec* acc) {
+    const Vec es = Vec::loadu(st.es + v), et = Vec::loadu(st.et + v);
+    const Vec ab = ((Vec::loadu(st.xs + v) - Vec::loadu(st.xt[0] + v)) - vd0) * vinv0;
+    const Vec close = (ab.abs() < one) & (et > zero0);
+    acc[0] = acc[0] + Vec::blendv(es - et, et * ab.expm1(), close);
+  }, dz);
+  return std::log1p(dz[0] / std::exp(st.lzt_d[0]));
+}
+
+// The hard CE's row statistics: log Z of the student at T = 1 (its exponentials cached in e1)
+// and, with label smoothing, the sum and count of the finite logits.
+void hard_ce_stats(RowStats& st, float label_smoothing, float* e1) {
+  st.lz1 = static_cast<float>(row_log_sum_exp(st.xs, st.Vp, st.ms, 1.f, e1));
+  st.e1 = e1;
+  if (label_smoothing == 0.f) return;
+  const Vec ninf(kNegInf), one(1.f);
+  double sm[2];
+  block_sums<2>(st.Vp, [&](int64_t v, Vec* acc) {
+    const Vec x = Vec::loadu(st.xs + v);
+    const Vec fin = x != ninf;
+    acc[0] = acc[0] + sel(fin, x);
+    acc[1] = acc[1] + sel(fin, one);
+  }, sm);
+  st.finite_sum = static_cast<float>(sm[0]);
+  st.n_finite = static_cast<float>(sm[1]);
+}
+
+// Teacher mixture log-probabilities (several teachers): lp = log sum_i w_i p_i.
+void teacher_mixture(const LogitKDParams& p, const RowStats& st, float* lp) {
+  for (int64_t v = 0; v < st.Vp; v += kW) {
+    Vec lmax(kNegInf);
+    Vec li[kMaxTeachers];
+    for (int i = 0; i < st.nt; ++i) {
+      li[i] = (Vec::loadu(st.xt[i] + v) - Vec(st.mt[i])) * Vec(st.inv_t) - Vec(st.lzt[i]);
+      if (p.teacher_weight[i] > 0.f) lmax = at::vec::maximum(lmax, li[i]);
+    }
+    const Vec finite = lmax != Vec(kNegInf);
+    const Vec shift = sel(finite, lmax);
+    Vec sum(0.f);
+    for (int i = 0; i < st.nt; ++i)
+      if (p.teacher_weight[i] > 0.f) sum = sum + Vec(p.teacher_weight[i]) * (li[i] - shift).exp();
+    Vec::blendv(Vec(kNegInf), shift + sum.log(), finite).store(lp + v);
+  }
+}
+
+// Sweep 1: loads row r into the scratch and fills `st`. False, with its flag raised, for a row
+// whose student or some teacher has no finite logit.
+template <typename TS, typename TT>
+bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, int* flags,
+                    RowStats& st) {
+  st.V = p.vocab;
+  st.Vp = (st.V + kW - 1) / kW * kW;
+  st.nt = p.num_teachers;
+  st.inv_t = 1.f / p.temperature;
+  float* xs = w.s.data();
+  load_row(static_cast<const TS*>(p.student) + r * p.student_stride, st.V, st.Vp, xs);
+  st.xs = xs;
+  st.ms = row_max(xs, st.Vp);
+  if (st.ms == kNegInf) {
+    *flags |= kFlagStudentAllMasked;
+    return false;
+  }
+  for (int i = 0; i < st.nt; ++i) {
+    float* xt = w.t[i].data();
+    load_row(static_cast<const TT*>(p.teacher[i]) + r * p.teacher_stride[i], st.V, st.Vp, xt);
+    st.xt[i] = xt;
+    st.mt[i] = row_max(xt, st.Vp);
+    if (st.mt[i] == kNegInf) {
+      *flags |= kFlagTeacherAllMasked;
+      return false;
+    }
+    float* cache = st.nt == 1 ? w.et.data() : nullptr;
+    st.lzt_d[i] = row_log_sum_exp(xt, st.Vp, st.mt[i], st.inv_t, cache);
+    st.lzt[i] = static_cast<float>(st.lzt_d[i]);
+    st.jt[i] = row_argmax(xt, st.Vp, st.mt[i]);
+  }
+  if (st.nt == 1) st.et = w.et.data();
+  st.lzs_d = row_log_sum_exp(xs, st.Vp, st.ms, st.inv_t, w.es.data());
+  st.es = w.es.data();
+  st.lzs = static_cast<float>(st.lzs_d);
+  st.js = row_argmax(xs, st.Vp, st.ms);
+  st.log_zs_zt = log_zs_over_zt(st, p.divergence);
+  if (hard) hard_ce_stats(st, p.label_smoothing, w.e1.data());
+  if (st.nt > 1) {
+    teacher_mixture(p, st, w.lp.data());
+    st.lp = w.lp.data();
+  }
+  return true;
+}
+
+// The per-entry math of a row, one vector of entries at offset v at a time: log-probabilities
+// and probabilities of the student (q) and the teacher (p; a mixture for several teachers), the
+// accurate log-ratio d = log p - log q, and the divergences' terms.
+struct RowTerms {
+  const RowStats& st;
+  const bool mixed;
+  const Divergence div;
+  const Vec zero, vms, vinv, vlzs, vmt0, vlzt0, vinv_zs, vinv_zt0, vbeta, vomb, vlog_beta,
+      vlog_1mb, vlogit_beta, vdm, vdl, half;
+
+  RowTerms(const RowStats& s, const LogitKDParams& p)
+      : st(s), mixed(s.nt > 1), div(p.divergence), zero(0.f), vms(s.ms), vinv(s.inv_t),
+        vlzs(s.lzs), vmt0(s.mt[0]), vlzt0(s.lzt[0]), vinv_zs(std::exp(-s.lzs)),
+        vinv_zt0(std::exp(-s.lzt[0])), vbeta(p.beta), vomb(1.f - p.beta),
+        vlog_beta(std::log(p.beta)), vlog_1mb(std::log1p(-p.beta)),
+        // JSD works with y_q = log((1-beta) q / m) = -softplus(d) and y_p = log(beta p / m) =
+        // -softplus(-d), d = logp - logq + log(beta / (1-beta)): accurate both when p ~ q and
+        // when p and q are nearly disjoint (where log q - log m would cancel against its row
+        // mean).
+        vlogit_beta(std::log(p.beta) - std::log1p(-p.beta)), vdm(s.mt[0] - s.ms),
+        vdl(static_cast<float>(s.log_zs_zt)), half(0.5f) {}
+
+  FASTKD_INLINE Vec logq(int64_t v) const { return (Vec::loadu(st.xs + v) - vms) * vinv - vlzs; }
+  FASTKD_INLINE Vec logp(int64_t v) const {
+    return mixed ? Vec::loadu(st.lp + v) : (Vec::loadu(st.xt[0] + v) - vmt0) * vinv - vlzt0;
+  }
+  FASTKD_INLINE Vec logpi(int i, int64_t v) const {
+    return (Vec::loadu(st.xt[i] + v) - Vec(st.mt[i])) * vinv - Vec(st.lzt[i]);
+  }
+  // Probabilities: the cached exponentials times 1/Z (one teacher), exp(log p) for a mixture.
+  FASTKD_INLINE Vec q(int64_t v) const { return Vec::loadu(st.es + v) * vinv_zs; }
+  FASTKD_INLINE Vec p(int64_t v, const Vec& lpv) const {
+    return mixed ? lpv.exp() : Vec::loadu(st.et + v) * vinv_zt0;
+  }
+
+  FASTKD_INLINE Vec softplus(const Vec& x) const {
+    return at::vec::maximum(x, zero) + (zero - x.abs()).exp().log1p();
+  }
+  FASTKD_INLINE Vec jsd_d(const Vec& lpv, const Vec& lqv) const { return lpv - lqv + vlogit_beta; }
+  // q - p without cancelling when both are close to 1: the factor exp(.) - 1 of the smaller
+  // log-probability difference, computed by expm1 (d = log p - log q, from d()).
+  FASTKD_INLINE Vec q_minus_p(const Vec& qv, const Vec& pv, const Vec& d) const {
+    const Vec e = (zero - d.abs()).expm1();  // exp(-|d|) - 1, in (-1, 0]
+    const Vec a = Vec::blendv(pv * e, zero - qv * e, d <= zero);  // q >= p: -q e; else p e
+    return sel((qv > zero) | (pv > zero), a);
+  }
+  // d = log p - log q. One teacher: from the raw difference t - s and log(Zs / Zt) (unrounded),
+  // so a student close to its teacher keeps d to float32 precision rather than to
+  // eps * |log p|.
+  FASTKD_INLINE Vec d(int64_t v, const Vec& lpv, const Vec& lqv) const {
+    if (mixed) return lpv - lqv;
+    return ((Vec::loadu(st.xt[0] + v) - Vec::loadu(st.xs + v)) - vdm) * vinv + vdl;
+  }
+  // KL and reverse KL loss terms: KL(p||q) = sum_{p != 0} p phi(d) + sum_{p == 0} q with
+  // phi(d) = d + expm1(-d) >= 0 (since sum p exp(-d) = sum_{p != 0} q): every term is >= 0, so
+  // a small divergence (large T, a student near its teacher) is not the difference of terms of
+  // size |d|, and a common rounding of d (from log Z) cancels to first order. phi: a series for
+  // |d| < 1/2, else p d + (q - p). The tests are != 0 so that NaN propagates (SPEC).
+  // Returns a phi(d) + (b - a) [a phi(d) with b = a exp(-d), b given]; a where a != 0, else b.
+  FASTKD_INLINE Vec kl_terms(const Vec& a, const Vec& b, const Vec& dv) const {
+    Vec ser = Vec(1.f / 362880.f);
+    ser = Vec(1.f / 40320.f) - dv * ser;
+    ser = Vec(1.f / 5040.f) - dv * ser;
+    ser = Vec(1.f / 720.f) - dv * ser;
+    ser = Vec(1.f / 120.f) - dv * ser;
+    ser = Vec(1.f / 24.f) - dv * ser;
+    ser = Vec(1.f / 6.f) - dv * ser;
+    ser = Vec(0.5f) - dv * ser;
+    const Vec small = a * (dv * dv * ser);
+    const Vec large = a * dv + (b - a);
+    return Vec::blendv(b, Vec::blendv(large, small, dv.abs() < half), a != zero);
+  }
+  // Student-side per-entry value x_v whose softmax gradient is q_v (x_v - sum q x) (RKL, JSD).
+  FASTKD_INLINE Vec student_x(const Vec& lqv, const Vec& lpv) const {
+    if (div == Divergence::ReverseKL) return lqv - lpv;
+    return zero - softplus(jsd_d(lpv, lqv));
+  }
+  // Teacher-side "g" (d D / d p up to a constant) times p_i, for KL and JSD.
+  FASTKD_INLINE Vec teacher_g(const Vec& lpv, const Vec& lqv) const {
+    if (div == Divergence::KL) return lpv - lqv;
+    return vbeta * (zero - softplus(zero - jsd_d(lpv, lqv)));  // JSD
+  }
+  // p_i g for reverse KL: -q p_i / p, not p_i * (-q / p): with saturated rows q / p overflows
+  // while p_i underflows (lost: -q). (The guard is log p_i > -inf: p_i itself may underflow to
+  // 0 where -q p_i / p does not.) `rest`: what is subtracted from g (shift and row sum).
+  FASTKD_INLINE Vec rkl_teacher(const Vec& qv, const Vec& lqv, const Vec& lpv, const Vec& lpi,
+                                const Vec& pi, const Vec& rest) const {
+    return sel(lpi > Vec(kNegInf), sel(qv > zero, zero - (lqv + lpi - lpv).exp()) - pi * rest);
+  }
+};
+
+// The gradient's per-row constants.
+struct RowGrad {
+  bool student = false;                    // grad_student wanted
+  bool teacher[kMaxTeachers] = {};         // grad_teacher[i] wanted
+  bool student_sum = false;                // the student gradient needs sum q (x - x*)
+  bool teacher_sum = false;                // the teacher gradients need sum p_i (g - g*_i)
+  bool fused = false;                      // KL student gradient written in sweep 2
+  bool hard = false;
+  float c = 0.f;                           // soft_factor / T
+  float scale = 1.f;                       // *grad_scale
+  float x_star = 0.f, g_star[kMaxTeachers] = {};  // shifts at the dominant entries
+};
+
+// The CE gradient dCE/ds_v = q1_v * a1 - (1-eps)[v==y] - (eps/V)[s_v finite], without the
+// [v==y] term (added at y alone).
+struct HardCEGrad {
+  const float *xs, *e1;
+  float eps;
+  Vec va1z, vninf, veps_v;
+  HardCEGrad(const RowStats& st, float eps_)
+      : xs(st.xs), e1(st.e1), eps(eps_),
+        va1z((1.f - eps_ + eps_ * st.n_finite / static_cast<float>(st.V)) * std::exp(-st.lz1)),
+        vninf(kNegInf), veps_v(eps_ / static_cast<float>(st.V)) {}
+  FASTKD_INLINE Vec at(int64_t v) const {
+    Vec d = Vec::loadu(e1 + v) * va1z;  // a1 / Z1: q1 = e1 / Z1
+    if (eps != 0.f) d = d - sel(Vec::loadu(xs + v) != vninf, veps_v);
+    return d;
+  }
+};
+
+// The vector formula f evaluated where entry j lies, at j.
+template <typename F>
+float scalar_at(int64_t j, F&& f) {
+  const int64_t base = j / kW * kW;
+  float b[kW];
+  f(base).store(b);
+  return b[j - base];
+}
+
 // Gradients through a softmax have the form w_v (g_v - sum_u w_u g_u) (w = q or p_i). For a
 // confident row the dominant entry's g_v nearly equals the sum, and the difference would cancel
 // to noise in float32. Every such sum is therefore taken of g_u - g_*, with g_* the value at the
 // dominant entry of w (its argmax), which is exact algebra (sum w = 1) without the cancellation.
+void dominant_shifts(const RowTerms& T, RowGrad& rg) {
+  const RowStats& st = T.st;
+  if (rg.student_sum)
+    rg.x_star = scalar_at(st.js, [&](int64_t v) { return T.student_x(T.logq(v), T.logp(v)); });
+  if (!rg.teacher_sum) return;
+  for (int i = 0; i < st.nt; ++i) {
+    if (!rg.teacher[i]) continue;
+    rg.g_star[i] = scalar_at(st.jt[i], [&](int64_t v) {
+      const Vec lqv = T.logq(v), lpv = T.logp(v);
+      if (T.div == Divergence::ReverseKL)  // g = -q / p
+        return T.zero - (lqv - lpv).exp();
+      return T.teacher_g(lpv, lqv);
+    });
+  }
+}
+
+// Sweep 2's row sums: sums[0] = D (TVD: sum |p - q|; JSD: sum p log(p/m)); sums[1] = JSD:
+// sum q log(q/m); sums[2] = sum q (x - x*) (RKL, JSD), TVD: q mass where p > q; sums[3], sums[4]:
+// TVD q mass where p < q and p == q. Teacher i: sums[5 + 3i] = sum p_i (g - g*_i), TVD: p_i
+// class masses.
+constexpr int kSums = 5 + 3 * kMaxTeachers;
+
+// Sweep 2: the divergence and the row sums the gradient needs; for KL without teacher gradients
+// also the student gradient (into g), which needs no row sum.
+void divergence_sums(const RowTerms& terms, const RowGrad& rg_in, const HardCEGrad& ce_in, float hw,
+                     float* g, double (&sums)[kSums]) {
+  // Local copies: the stores to g could alias the Vec members of the originals, whose values
+  // would then be reloaded in the loop; locals stay in registers.
+  const RowTerms T = terms;
+  const RowGrad rg = rg_in;
+  const HardCEGrad ce = ce_in;
+  const RowStats& st = T.st;
+  const Vec zero = T.zero, vxs(rg.x_star);
+  for (int k = 0; k < kSums; ++k) sums[k] = 0.0;
+  for (int64_t b = 0; b < st.Vp; b += kSumBlock) {
+    Vec acc[kSums];
+    for (auto& a : acc) a = zero;
+    const int64_t e = std::min(st.Vp, b + kSumBlock);
+    for (int64_t v = b; v < e; v += kW) {
+      const Vec lqv = T.logq(v), lpv = T.logp(v);
+      const Vec qv = T.q(v), pv = T.p(v, lpv);
+      switch (T.div) {
+        case Divergence::KL: {
+          const Vec dd = T.d(v, lpv, lqv);
+          acc[0] = acc[0] + T.kl_terms(pv, qv, dd);
+          if (rg.fused && rg.student) {
+            Vec gv = Vec(rg.c) * T.q_minus_p(qv, pv, dd);
+            if (rg.hard) gv = gv + Vec(hw) * ce.at(v);
+            gv.store(g + v);
+          }
+          break;
+        }
+        case Divergence::ReverseKL:
+          acc[0] = acc[0] + T.kl_terms(qv, pv, zero - T.d(v, lpv, lqv));
+          if (rg.student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (lqv - lpv - vxs));
+          break;
+        case Divergence::JSD: {
+          const Vec dj = T.jsd_d(lpv, lqv);
+          const Vec yq = zero - T.softplus(dj), yp = zero - T.softplus(zero - dj);
+          // KL(p||m) and KL(q||m) as kl_terms of log(p/m) = -log1p((1-beta) expm1(-dd)) and
+          // log(q/m) = -log1p(beta expm1(dd)), dd = log p - log q (accurate when p ~ q; the
+          // softplus forms where expm1 would overflow).
+          const Vec dd = T.d(v, lpv, lqv), mv = T.vbeta * pv + T.vomb * qv;
+          const Vec lpm_near = zero - (T.vomb * (zero - dd).expm1()).log1p();
+          const Vec lpm = Vec::blendv(yp - T.vlog_beta, lpm_near, dd > Vec(-80.f));
+          const Vec lqm = Vec::blendv(yq - T.vlog_1mb, zero - (T.vbeta * dd.expm1()).log1p(),
+                                      dd < Vec(80.f));
+          acc[0] = acc[0] + T.kl_terms(pv, mv, lpm);
+          acc[1] = acc[1] + T.kl_terms(qv, mv, lqm);
+          if (rg.student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (yq - vxs));
+          break;
+        }
+        case Divergence::TVD: {
+          // Sign classes of p - q from the sign of d = log p - log q (accurate, see d()), not
+          // from the separately rounded p and q: a student near its teacher keeps its classes.
+          const Vec dd = T.d(v, lpv, lqv);
+          const Vec gt = dd > zero, lt = dd < zero, eq = dd == zero;
+          acc[0] = acc[0] + T.q_minus_p(qv, pv, dd).abs();
+          acc[2] = acc[2] + sel(gt, qv);
+          acc[3] = acc[3] + sel(lt, qv);
+          acc[4] = acc[4] + sel(eq, qv);
+          for (int i = 0; i < st.nt; ++i) {
+            if (!rg.teacher[i]) continue;
+            const Vec pi = T.logpi(i, v).exp();
+            acc[5 + 3 * i] = acc[5 + 3 * i] + sel(gt, pi);
+            acc[6 + 3 * i] = acc[6 + 3 * i] + sel(lt, pi);
+            acc[7 + 3 * i] = acc[7 + 3 * i] + sel(eq, pi);
+          }
+          break;
+        }
+      }
+      if (rg.teacher_sum) {
+        for (int i = 0; i < st.nt; ++i) {
+          if (!rg.teacher[i]) continue;
+          const Vec lpi = T.logpi(i, v), pi = lpi.exp();
+          Vec pg;  // p_i (g - g*_i)
+          if (T.div == Divergence::ReverseKL)
+            pg = T.rkl_teacher(qv, lqv, lpv, lpi, pi, Vec(rg.g_star[i]));
+          else
+            pg = sel(pi > zero, pi * (T.teacher_g(lpv, lqv) - Vec(rg.g_star[i])));
+          acc[5 + 3 * i] = acc[5 + 3 * i] + pg;
+        }
+      }
+    }
+    for (int k = 0; k < kSums; ++k) sums[k] += hsum(acc[k]);
+  }
+}
+
+// The row's loss: soft_factor D + hard_weight CE.
+float row_loss(const LogitKDParams& p, const RowStats& st, const double (&sums)[kSums], bool hard,
+               int64_t y) {
+  float D;
+  switch (p.divergence) {
+    case Divergence::JSD:
+      D = static_cast<float>(p.beta * sums[0] + (1.0 - p.beta) * sums[1]);
+      break;
+    case Divergence::TVD: D = static_cast<float>(0.5 * sums[0]); break;
+    default: D = static_cast<float>(sums[0]);
+  }
+  float loss = p.soft_factor * D;
+  if (hard) {
+    const float eps = p.label_smoothing;
+    const float nll = -(st.xs[y] - st.ms - st.lz1);
+    float ce = nll;
+    if (eps != 0.f) {
+      // sum over finite v of -(s_v - ms - lz1) = -finite_sum + n_finite (ms + lz1)
+      const float smooth =
+          (-st.finite_sum + st.n_finite * (st.ms + st.lz1)) / static_cast<float>(st.V);
+      ce = (1.f - eps) * nll + eps * smooth;
+    }
+    loss += p.hard_weight * ce;
+  }
+  return loss;
+}
+
+// Sweep 3, student: the divergence's gradient (unless sweep 2 wrote it) plus the hard CE's,
+// times grad_scale, into g and then grad_student.
+template <typename TS>
+void student_gradient(const RowTerms& terms, const RowGrad& rg_in, const HardCEGrad& ce_in,
+                      float hw, int64_t y, const double (&sums)[kSums], float* g, TS* out) {
+  const RowTerms T = terms;  // local copies, see divergence_sums
+  const RowGrad rg = rg_in;
+  const HardCEGrad ce = ce_in;
+  const RowStats& st = T.st;
+  const Vec zero = T.zero, vxs(rg.x_star);
+  if (!rg.fused) {
+    // TVD: h_v - sum_u q_u h_u per sign class of p_v - q_v, from the class masses (no
+    // cancellation).
+    const float qa = static_cast<float>(sums[2]), qb = static_cast<float>(sums[3]),
+                qc = static_cast<float>(sums[4]);
+    const Vec tvd_gt(-qb - 0.5f * qc), tvd_lt(qa + 0.5f * qc), tvd_eq(0.5f * (qa - qb));
+    const Vec vx_sum(static_cast<float>(sums[2]));
+    for (int64_t v = 0; v < st.Vp; v += kW) {
+      const Vec lqv = T.logq(v), lpv = T.logp(v);
+      const Vec qv = T.q(v), pv = T.p(v, lpv);
+      Vec dd;
+      switch (T.div) {
+        case Divergence::KL: dd = T.q_minus_p(qv, pv, T.d(v, lpv, lqv)); break;
+        case Divergence::ReverseKL:
+          dd = sel(qv > zero, qv * (T.student_x(lqv, lpv) - vxs - vx_sum));
+          break;
+        case Divergence::JSD:
+          dd = T.vomb * sel(qv > zero, qv * (T.student_x(lqv, lpv) - vxs - vx_sum));
+          break;
+        default: {
+          const Vec dv = T.d(v, lpv, lqv);
+          dd = qv * Vec::blendv(Vec::blendv(tvd_eq, tvd_lt, dv < zero), tvd_gt, dv > zero);
+          break;
+        }
+      }
+      Vec gv = Vec(rg.c) * dd;
+      if (rg.hard) gv = gv + Vec(hw) * ce.at(v);
+      gv.store(g + v);
+    }
+  }
+  if (rg.hard) g[y] -= hw * (1.f - ce.eps);
+  if (rg.scale != 1.f) {
+    const Vec vs(rg.scale);
+    for (int64_t v = 0; v < st.Vp; v += kW) (Vec::loadu(g + v) * vs).store(g + v);
+  }
+  store_row(g, st.V, out);
+}
+
+// Sweep 3, teacher i: p_i (g - g*_i - S_i) times soft_factor / T, the weight and grad_scale,
+// into g and then grad_teacher[i].
+template <typename TT>
+void teacher_gradient(const RowTerms& terms, const RowGrad& rg, int i, float wi,
+                      const double (&sums)[kSums], float* g, TT* out) {
+  const RowTerms T = terms;  // a local copy, see divergence_sums
+  const RowStats& st = T.st;
+  if (wi == 0.f) {
+    zero_row(out, st.V);
+    return;
+  }
+  const Vec zero = T.zero;
+  const Vec coef(rg.c * wi * rg.scale), vgs(rg.g_star[i]);
+  const Vec vS(static_cast<float>(sums[5 + 3 * i]));
+  const float pa = static_cast<float>(sums[5 + 3 * i]), pb = static_cast<float>(sums[6 + 3 * i]),
+              pc = static_cast<float>(sums[7 + 3 * i]);
+  const Vec t_gt(pb + 0.5f * pc), t_lt(-pa - 0.5f * pc), t_eq(-0.5f * (pa - pb));
+  for (int64_t v = 0; v < st.Vp; v += kW) {
+    const Vec lqv = T.logq(v), lpv = T.logp(v);
+    const Vec qv = T.q(v);
+    const Vec lpi = T.logpi(i, v), pi = lpi.exp();
+    Vec pg;  // p_i (g - g* - S)
+    switch (T.div) {
+      case Divergence::TVD: {
+        const Vec dv = T.d(v, lpv, lqv);
+        pg = sel(pi > zero, pi * Vec::blendv(Vec::blendv(t_eq, t_lt, dv < zero), t_gt, dv > zero));
+        break;
+      }
+      case Divergence::ReverseKL: pg = T.rkl_teacher(qv, lqv, lpv, lpi, pi, vgs + vS); break;
+      default: pg = sel(pi > zero, pi * (T.teacher_g(lpv, lqv) - vgs - vS));
+    }
+    (coef * pg).store(g + v);
+  }
+  store_row(g, st.V, out);
+}
+
+// One row: its loss into row_loss[r] and its gradients.
 template <typename TS, typename TT>
 void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   const int64_t V = p.vocab;
-  const int64_t Vp = (V + kW - 1) / kW * kW;
   const int nt = p.num_teachers;
   TS* gs_out = p.grad_student ? static_cast<TS*>(p.grad_student) + r * V : nullptr;
   TT* gt_out[kMaxTeachers];
+  RowGrad rg;
   bool need_t = false;
   for (int i = 0; i < nt; ++i) {
     gt_out[i] = p.grad_teacher[i] ? static_cast<TT*>(p.grad_teacher[i]) + r * V : nullptr;
-    need_t = need_t || gt_out[i] != nullptr;
+    rg.teacher[i] = gt_out[i] != nullptr;
+    need_t = need_t || rg.teacher[i];
   }
   auto zero_outputs = [&]() {
     p.row_loss[r] = 0.f;
@@ -138,7 +611,6 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     for (int i = 0; i < nt; ++i)
       if (gt_out[i]) zero_row(gt_out[i], V);
   };
-
   int64_t y = -1;
   if (p.target) {
     y = p.target[r];
@@ -150,372 +622,28 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   }
   const bool hard = p.target && p.hard_weight != 0.f;
 
-  // ---- sweep 1: statistics -------------------------------------------------------------------
-  float* xs = w.s.data();
-  load_row(static_cast<const TS*>(p.student) + r * p.student_stride, V, Vp, xs);
-  float* xt[kMaxTeachers];
-  float mt[kMaxTeachers], lzt[kMaxTeachers];
-  double lzt_d[kMaxTeachers];  // log Z of each teacher, unrounded (see kl_terms)
-  int64_t jt[kMaxTeachers];
-  const float inv_t = 1.f / p.temperature;
-  const float ms = row_max(xs, Vp);
-  if (ms == kNegInf) {
-    *flags |= kFlagStudentAllMasked;
-    return zero_outputs();
-  }
-  for (int i = 0; i < nt; ++i) {
-    xt[i] = w.t[i].data();
-    load_row(static_cast<const TT*>(p.teacher[i]) + r * p.teacher_stride[i], V, Vp, xt[i]);
-    mt[i] = row_max(xt[i], Vp);
-    if (mt[i] == kNegInf) {
-      *flags |= kFlagTeacherAllMasked;
-      return zero_outputs();
-    }
-    lzt_d[i] = row_log_sum_exp(xt[i], Vp, mt[i], inv_t, nt == 1 ? w.et.data() : nullptr);
-    lzt[i] = static_cast<float>(lzt_d[i]);
-    jt[i] = row_argmax(xt[i], Vp, mt[i]);
-  }
-  const double lzs_d = row_log_sum_exp(xs, Vp, ms, inv_t, w.es.data());
-  const float lzs = static_cast<float>(lzs_d);
-  const int64_t js = row_argmax(xs, Vp, ms);
-  // log(Zs / Zt) for one teacher. KL and reverse KL take lzs - lzt (its rounding, ~eps, is a
-  // common shift of d that cancels to first order in kl_terms). TVD and JSD do not cancel it, so
-  // there it is log1p((Zs - Zt) / Zt) with Zs - Zt = sum et (expm1(((s - t) - (ms - mt)) / T))
-  // (the exact difference where the exponents are close), accurate when the student is close to
-  // its teacher relative to the logits' magnitude.
-  double log_zs_zt = nt == 1 ? lzs_d - lzt_d[0] : 0.0;
-  if (nt == 1 && (p.divergence == Divergence::TVD || p.divergence == Divergence::JSD)) {
-    const Vec vd0(ms - mt[0]), vinv0(inv_t), one(1.f), zero0(0.f);
-    double dz[1];
-    block_sums<1>(Vp, [&](int64_t v, Vec* acc) {
-      const Vec es = Vec::loadu(w.es.data() + v), et = Vec::loadu(w.et.data() + v);
-      const Vec ab = ((Vec::loadu(xs + v) - Vec::loadu(xt[0] + v)) - vd0) * vinv0;
-      const Vec close = (ab.abs() < one) & (et > zero0);
-      acc[0] = acc[0] + Vec::blendv(es - et, et * ab.expm1(), close);
-    }, dz);
-    log_zs_zt = std::log1p(dz[0] / std::exp(lzt_d[0]));
-  }
-  float lz1 = 0.f, finite_sum = 0.f, n_finite = 0.f;
-  if (hard) {
-    lz1 = static_cast<float>(row_log_sum_exp(xs, Vp, ms, 1.f, w.e1.data()));
-    if (p.label_smoothing != 0.f) {
-      const Vec ninf(kNegInf), one(1.f);
-      double sm[2];
-      block_sums<2>(Vp, [&](int64_t v, Vec* acc) {
-        const Vec x = Vec::loadu(xs + v);
-        const Vec fin = x != ninf;
-        acc[0] = acc[0] + sel(fin, x);
-        acc[1] = acc[1] + sel(fin, one);
-      }, sm);
-      finite_sum = static_cast<float>(sm[0]);
-      n_finite = static_cast<float>(sm[1]);
-    }
-  }
-
-  // Teacher mixture log-probabilities (several teachers only): lp = log sum_i w_i p_i.
-  const bool mixed = nt > 1;
-  float* lp = mixed ? w.lp.data() : nullptr;
-  if (mixed) {
-    for (int64_t v = 0; v < Vp; v += kW) {
-      Vec lmax(kNegInf);
-      Vec li[kMaxTeachers];
-      for (int i = 0; i < nt; ++i) {
-        li[i] = (Vec::loadu(xt[i] + v) - Vec(mt[i])) * Vec(inv_t) - Vec(lzt[i]);
-        if (p.teacher_weight[i] > 0.f) lmax = at::vec::maximum(lmax, li[i]);
-      }
-      const Vec finite = lmax != Vec(kNegInf);
-      const Vec shift = sel(finite, lmax);
-      Vec sum(0.f);
-      for (int i = 0; i < nt; ++i)
-        if (p.teacher_weight[i] > 0.f) sum = sum + Vec(p.teacher_weight[i]) * (li[i] - shift).exp();
-      Vec::blendv(Vec(kNegInf), shift + sum.log(), finite).store(lp + v);
-    }
-  }
-  const Vec vms(ms), vinv(inv_t), vlzs(lzs), vmt0(mt[0]), vlzt0(lzt[0]);
-  auto logq_at = [&](int64_t v) { return (Vec::loadu(xs + v) - vms) * vinv - vlzs; };
-  auto logp_at = [&](int64_t v) {
-    return mixed ? Vec::loadu(lp + v) : (Vec::loadu(xt[0] + v) - vmt0) * vinv - vlzt0;
-  };
-  // Probabilities: the cached exponentials times 1/Z (one teacher), exp(log p) for a mixture.
-  const Vec vinv_zs(std::exp(-lzs)), vinv_zt0(std::exp(-lzt[0]));
-  auto q_at = [&](int64_t v) { return Vec::loadu(w.es.data() + v) * vinv_zs; };
-  auto p_at = [&](int64_t v, const Vec& lpv) {
-    return mixed ? lpv.exp() : Vec::loadu(w.et.data() + v) * vinv_zt0;
-  };
-  auto logpi_at = [&](int i, int64_t v) {
-    return (Vec::loadu(xt[i] + v) - Vec(mt[i])) * vinv - Vec(lzt[i]);
-  };
-
+  RowStats st;
+  if (!row_statistics<TS, TT>(p, r, hard, w, flags, st)) return zero_outputs();
+  const RowTerms T(st, p);
   const Divergence div = p.divergence;
-  const float beta = p.beta;
-  const Vec zero(0.f), vbeta(beta), vomb(1.f - beta);
-  const Vec vlog_beta(std::log(beta)), vlog_1mb(std::log1p(-beta));
-  // JSD works with y_q = log((1-beta) q / m) = -softplus(d) and y_p = log(beta p / m) =
-  // -softplus(-d), d = logp - logq + log(beta / (1-beta)): accurate both when p ~ q and when
-  // p and q are nearly disjoint (where log q - log m would cancel against its row mean).
-  const Vec vlogit_beta(std::log(beta) - std::log1p(-beta));
-  auto softplus = [&](const Vec& x) {
-    return at::vec::maximum(x, zero) + (zero - x.abs()).exp().log1p();
-  };
-  auto jsd_d = [&](const Vec& lpv, const Vec& lqv) { return lpv - lqv + vlogit_beta; };
-  // q - p without cancelling when both are close to 1: the factor exp(.) - 1 of the smaller
-  // log-probability difference, computed by expm1.
-  // (d = log p - log q; see d_at for the accurate one.)
-  auto q_minus_p_d = [&](const Vec& qv, const Vec& pv, const Vec& d) {
-    const Vec e = (zero - d.abs()).expm1();  // exp(-|d|) - 1, in (-1, 0]
-    const Vec a = Vec::blendv(pv * e, zero - qv * e, d <= zero);  // q >= p: -q e; else p e
-    return sel((qv > zero) | (pv > zero), a);
-  };
-  // KL and reverse KL loss terms. d = log p - log q; one teacher: from the raw difference t - s
-  // and log(Zs / Zt) (unrounded), so a student close to its teacher keeps d to float32 precision
-  // rather than to eps * |log p|. Then KL(p||q) = sum_{p != 0} p phi(d) + sum_{p == 0} q with
-  // phi(d) = d + expm1(-d) >= 0 (since sum p exp(-d) = sum_{p != 0} q): every term is >= 0, so a
-  // small divergence (large T, a student near its teacher) is not the difference of terms of
-  // size |d|, and a common rounding of d (from log Z) cancels to first order. phi: a series for
-  // |d| < 1/2, else p d + (q - p). The tests are != 0 so that NaN propagates (SPEC).
-  const Vec vdm(mt[0] - ms), vdl(static_cast<float>(log_zs_zt)), half(0.5f);
-  auto d_at = [&](int64_t v, const Vec& lpv, const Vec& lqv) {
-    if (mixed) return lpv - lqv;
-    return ((Vec::loadu(xt[0] + v) - Vec::loadu(xs + v)) - vdm) * vinv + vdl;
-  };
-  // a phi(d) + (b - a) [a phi(d) with b = a exp(-d), b given]; a where a != 0, else b.
-  auto kl_terms = [&](const Vec& a, const Vec& b, const Vec& d) {
-    Vec ser = Vec(1.f / 362880.f);
-    ser = Vec(1.f / 40320.f) - d * ser;
-    ser = Vec(1.f / 5040.f) - d * ser;
-    ser = Vec(1.f / 720.f) - d * ser;
-    ser = Vec(1.f / 120.f) - d * ser;
-    ser = Vec(1.f / 24.f) - d * ser;
-    ser = Vec(1.f / 6.f) - d * ser;
-    ser = Vec(0.5f) - d * ser;
-    const Vec small = a * (d * d * ser);
-    const Vec large = a * d + (b - a);
-    return Vec::blendv(b, Vec::blendv(large, small, d.abs() < half), a != zero);
-  };
-  // Student-side per-entry value x_v whose softmax gradient is q_v (x_v - sum q x) (RKL, JSD).
-  auto student_x = [&](const Vec& lqv, const Vec& lpv) {
-    if (div == Divergence::ReverseKL) return lqv - lpv;
-    return zero - softplus(jsd_d(lpv, lqv));
-  };
-  // Teacher-side "g" (d D / d p up to a constant) times p_i, for KL and JSD and reverse KL.
-  auto teacher_gv = [&](const Vec& lpv, const Vec& lqv) {
-    if (div == Divergence::KL) return lpv - lqv;
-    return vbeta * (zero - softplus(zero - jsd_d(lpv, lqv)));  // JSD
-  };
+  rg.student = gs_out != nullptr;
+  rg.student_sum = rg.student && (div == Divergence::ReverseKL || div == Divergence::JSD);
+  rg.teacher_sum = need_t && div != Divergence::TVD;
+  rg.fused = div == Divergence::KL && !need_t;
+  rg.hard = hard;
+  rg.c = p.soft_factor * st.inv_t;
+  rg.scale = p.grad_scale ? *p.grad_scale : 1.f;
+  dominant_shifts(T, rg);
 
-  // Shift constants at the dominant entries: the vector formula evaluated where entry j lies.
-  auto scalar_at = [&](int64_t j, auto&& f) -> float {
-    const int64_t base = j / kW * kW;
-    float b[kW];
-    f(base).store(b);
-    return b[j - base];
-  };
-
-  const bool student_sum = gs_out && (div == Divergence::ReverseKL || div == Divergence::JSD);
-  const float x_star = student_sum ? scalar_at(js, [&](int64_t v) {
-    return student_x(logq_at(v), logp_at(v)); }) : 0.f;
-  float g_star[kMaxTeachers] = {};
-  const bool teacher_sum = need_t && div != Divergence::TVD;
-  for (int i = 0; i < nt; ++i) {
-    if (!gt_out[i] || !teacher_sum) continue;
-    g_star[i] = scalar_at(jt[i], [&](int64_t v) {
-      const Vec lqv = logq_at(v), lpv = logp_at(v);
-      if (div == Divergence::ReverseKL)  // g = -q / p
-        return zero - (lqv - lpv).exp();
-      return teacher_gv(lpv, lqv);
-    });
-  }
-
-  // ---- sweep 2: the loss and the row sums the gradient needs ---------------------------------
-  // sums[0] = D (TVD: sum |p - q|; JSD: sum p log(p/m)); sums[1] = JSD: sum q log(q/m);
-  // sums[2] = sum q (x - x*) (RKL, JSD), TVD: q mass where p > q; sums[3], sums[4]: TVD q mass
-  // where p < q and p == q. Teacher i: sums[5 + 3i] = sum p_i (g - g*_i), TVD: p_i class masses.
-  constexpr int kSums = 5 + 3 * kMaxTeachers;
-  double sums[kSums] = {};
-  const bool fuse_grad = div == Divergence::KL && !need_t;  // the gradient needs no row sum
+  const HardCEGrad ce(st, p.label_smoothing);
   float* g = w.g.data();
-  const float c = p.soft_factor * inv_t;
-  const float scale = p.grad_scale ? *p.grad_scale : 1.f;
-  const float eps = p.label_smoothing;
-  const float hw = p.hard_weight;
-  // dCE/ds_v = q1_v * a1 - (1-eps)[v==y] - (eps/V)[s_v finite].
-  const float a1 = 1.f - eps + eps * n_finite / static_cast<float>(V);
-  const float eps_v = eps / static_cast<float>(V);
-  const Vec vlz1(lz1), vninf(kNegInf), vxs(x_star);
-  const Vec va1z(a1 * std::exp(-lz1));  // a1 / Z1: q1 = e1 / Z1
-  auto ce_grad = [&](int64_t v) {
-    const Vec x = Vec::loadu(xs + v);
-    Vec d = Vec::loadu(w.e1.data() + v) * va1z;
-    if (eps != 0.f) d = d - sel(x != vninf, Vec(eps_v));
-    return d;
-  };
-  for (int64_t b = 0; b < Vp; b += kSumBlock) {
-    Vec acc[kSums];
-    for (auto& a : acc) a = zero;
-    const int64_t e = std::min(Vp, b + kSumBlock);
-    for (int64_t v = b; v < e; v += kW) {
-      const Vec lqv = logq_at(v), lpv = logp_at(v);
-      const Vec qv = q_at(v), pv = p_at(v, lpv);
-      switch (div) {
-        case Divergence::KL: {
-          const Vec dd = d_at(v, lpv, lqv);
-          acc[0] = acc[0] + kl_terms(pv, qv, dd);
-          if (fuse_grad && gs_out) {
-            Vec gv = Vec(c) * q_minus_p_d(qv, pv, dd);
-            if (hard) gv = gv + Vec(hw) * ce_grad(v);
-            gv.store(g + v);
-          }
-          break;
-        }
-        case Divergence::ReverseKL:
-          acc[0] = acc[0] + kl_terms(qv, pv, zero - d_at(v, lpv, lqv));
-          if (student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (lqv - lpv - vxs));
-          break;
-        case Divergence::JSD: {
-          const Vec d = jsd_d(lpv, lqv);
-          const Vec yq = zero - softplus(d), yp = zero - softplus(zero - d);
-          // KL(p||m) and KL(q||m) as kl_terms of log(p/m) = -log1p((1-beta) expm1(-dd)) and
-          // log(q/m) = -log1p(beta expm1(dd)), dd = log p - log q (accurate when p ~ q; the
-          // softplus forms where expm1 would overflow).
-          const Vec dd = d_at(v, lpv, lqv), mv = vbeta * pv + vomb * qv;
-          const Vec lpm = Vec::blendv(yp - vlog_beta, zero - (vomb * (zero - dd).expm1()).log1p(),
-                                      dd > Vec(-80.f));
-          const Vec lqm = Vec::blendv(yq - vlog_1mb, zero - (vbeta * dd.expm1()).log1p(),
-                                      dd < Vec(80.f));
-          acc[0] = acc[0] + kl_terms(pv, mv, lpm);
-          acc[1] = acc[1] + kl_terms(qv, mv, lqm);
-          if (student_sum) acc[2] = acc[2] + sel(qv > zero, qv * (yq - vxs));
-          break;
-        }
-        case Divergence::TVD: {
-          // Sign classes of p - q from the sign of d = log p - log q (accurate, see d_at), not
-          // from the separately rounded p and q: a student near its teacher keeps its classes.
-          const Vec dd = d_at(v, lpv, lqv);
-          const Vec gt = dd > zero, lt = dd < zero, eq = dd == zero;
-          acc[0] = acc[0] + q_minus_p_d(qv, pv, dd).abs();
-          acc[2] = acc[2] + sel(gt, qv);
-          acc[3] = acc[3] + sel(lt, qv);
-          acc[4] = acc[4] + sel(eq, qv);
-          for (int i = 0; i < nt; ++i) {
-            if (!gt_out[i]) continue;
-            const Vec pi = logpi_at(i, v).exp();
-            acc[5 + 3 * i] = acc[5 + 3 * i] + sel(gt, pi);
-            acc[6 + 3 * i] = acc[6 + 3 * i] + sel(lt, pi);
-            acc[7 + 3 * i] = acc[7 + 3 * i] + sel(eq, pi);
-          }
-          break;
-        }
-      }
-      if (teacher_sum) {
-        for (int i = 0; i < nt; ++i) {
-          if (!gt_out[i]) continue;
-          const Vec lpi = logpi_at(i, v), pi = lpi.exp();
-          Vec pg;  // p_i (g - g*_i)
-          if (div == Divergence::ReverseKL)  // p_i g = -q p_i / p, not p_i * (-q / p): with
-            // saturated rows q / p overflows while p_i underflows (lost: -q).
-            // (The guard is log p_i > -inf: p_i itself may underflow to 0 where -q p_i / p
-            // does not.)
-            pg = sel(lpi > Vec(kNegInf), sel(qv > zero, zero - (lqv + lpi - lpv).exp())
-                                             - pi * Vec(g_star[i]));
-          else
-            pg = sel(pi > zero, pi * (teacher_gv(lpv, lqv) - Vec(g_star[i])));
-          acc[5 + 3 * i] = acc[5 + 3 * i] + pg;
-        }
-      }
-    }
-    for (int k = 0; k < kSums; ++k) sums[k] += hsum(acc[k]);
-  }
-  float D;
-  switch (div) {
-    case Divergence::JSD: D = static_cast<float>(beta * sums[0] + (1.0 - beta) * sums[1]); break;
-    case Divergence::TVD: D = static_cast<float>(0.5 * sums[0]); break;
-    default: D = static_cast<float>(sums[0]);
-  }
-  float loss = p.soft_factor * D;
-  if (hard) {
-    const float nll = -(xs[y] - ms - lz1);
-    float ce = nll;
-    if (eps != 0.f) {
-      // sum over finite v of -(s_v - ms - lz1) = -finite_sum + n_finite (ms + lz1)
-      const float smooth = (-finite_sum + n_finite * (ms + lz1)) / static_cast<float>(V);
-      ce = (1.f - eps) * nll + eps * smooth;
-    }
-    loss += hw * ce;
-  }
-  p.row_loss[r] = loss;
+  double sums[kSums];
+  divergence_sums(T, rg, ce, p.hard_weight, g, sums);
+  p.row_loss[r] = row_loss(p, st, sums, hard, y);
 
-  // ---- sweep 3: gradients ---------------------------------------------------------------------
-  // TVD: h_v - sum_u q_u h_u per sign class of p_v - q_v, from the class masses (no cancellation).
-  const float qa = static_cast<float>(sums[2]), qb = static_cast<float>(sums[3]),
-              qc = static_cast<float>(sums[4]);
-  const Vec tvd_gt(-qb - 0.5f * qc), tvd_lt(qa + 0.5f * qc), tvd_eq(0.5f * (qa - qb));
-  const Vec vx_sum(static_cast<float>(sums[2]));
-  if (gs_out) {
-    if (!fuse_grad) {
-      for (int64_t v = 0; v < Vp; v += kW) {
-        const Vec lqv = logq_at(v), lpv = logp_at(v);
-        const Vec qv = q_at(v), pv = p_at(v, lpv);
-        Vec dd;
-        switch (div) {
-          case Divergence::KL: dd = q_minus_p_d(qv, pv, d_at(v, lpv, lqv)); break;
-          case Divergence::ReverseKL:
-            dd = sel(qv > zero, qv * (student_x(lqv, lpv) - vxs - vx_sum));
-            break;
-          case Divergence::JSD:
-            dd = vomb * sel(qv > zero, qv * (student_x(lqv, lpv) - vxs - vx_sum));
-            break;
-          default: {
-            const Vec d = d_at(v, lpv, lqv);
-            dd = qv * Vec::blendv(Vec::blendv(tvd_eq, tvd_lt, d < zero), tvd_gt, d > zero);
-            break;
-          }
-        }
-        Vec gv = Vec(c) * dd;
-        if (hard) gv = gv + Vec(hw) * ce_grad(v);
-        gv.store(g + v);
-      }
-    }
-    if (hard) g[y] -= hw * (1.f - eps);
-    if (scale != 1.f) {
-      const Vec vs(scale);
-      for (int64_t v = 0; v < Vp; v += kW) (Vec::loadu(g + v) * vs).store(g + v);
-    }
-    store_row(g, V, gs_out);
-  }
-  for (int i = 0; i < nt; ++i) {
-    if (!gt_out[i]) continue;
-    const float wi = p.teacher_weight[i];
-    if (wi == 0.f) {
-      zero_row(gt_out[i], V);
-      continue;
-    }
-    const Vec coef(c * wi * scale), vgs(g_star[i]);
-    const Vec vS(static_cast<float>(sums[5 + 3 * i]));
-    const float pa = static_cast<float>(sums[5 + 3 * i]), pb = static_cast<float>(sums[6 + 3 * i]),
-                pc = static_cast<float>(sums[7 + 3 * i]);
-    const Vec t_gt(pb + 0.5f * pc), t_lt(-pa - 0.5f * pc), t_eq(-0.5f * (pa - pb));
-    for (int64_t v = 0; v < Vp; v += kW) {
-      const Vec lqv = logq_at(v), lpv = logp_at(v);
-      const Vec qv = q_at(v), pv = p_at(v, lpv);
-      const Vec lpi = logpi_at(i, v), pi = lpi.exp();
-      Vec pg;  // p_i (g - g* - S)
-      switch (div) {
-        case Divergence::TVD: {
-          const Vec d = d_at(v, lpv, lqv);
-          pg = sel(pi > zero, pi * Vec::blendv(Vec::blendv(t_eq, t_lt, d < zero), t_gt, d > zero));
-          break;
-        }
-        case Divergence::ReverseKL:  // p_i g = -q p_i / p (see the sums above)
-          pg = sel(lpi > Vec(kNegInf),
-                   sel(qv > zero, zero - (lqv + lpi - lpv).exp()) - pi * (vgs + vS));
-          break;
-        default:
-          pg = sel(pi > zero, pi * (teacher_gv(lpv, lqv) - vgs - vS));
-      }
-      (coef * pg).store(g + v);
-    }
-    store_row(g, V, gt_out[i]);
-  }
+  if (gs_out) student_gradient(T, rg, ce, p.hard_weight, y, sums, g, gs_out);
+  for (int i = 0; i < nt; ++i)
+    if (gt_out[i]) teacher_gradient(T, rg, i, p.teacher_weight[i], sums, g, gt_out[i]);
 }
 
 template <typename TS, typename TT>
