@@ -32,8 +32,9 @@ constexpr int kLargeBlocksPerSm = 2;
 constexpr int kSmallThreads = 128;
 constexpr int kSmallBlocksPerSm = 8;
 constexpr int64_t kSmallVocab = 4096;
-// Several teachers: 512 threads per row, 1 CTA per SM (the per-teacher loops need ~116 registers;
-// with 64 they spill), which also leaves the whole shared memory to the row cache.
+// Several teachers: 512 threads per row, 1 CTA per SM (the per-teacher loops need 106 (sm_80) to
+// 111 (sm_90) registers, benchmarks/results/resources-cuda.md; with 64 they spill), which also
+// leaves the whole shared memory to the row cache.
 constexpr int kMultiThreads = 512;
 constexpr int kMultiBlocksPerSm = 1;
 constexpr int kMaxDevices = 64;
@@ -63,10 +64,9 @@ logit_kd_kernel(const __grid_constant__ LogitKDParams p, const __grid_constant__
   const Group g{static_cast<int>(threadIdx.x), red,
                 c.cache_bytes > 0 ? reinterpret_cast<unsigned char*>(row_cache) : nullptr,
                 c.cache_bytes};
-  const float gscale = p.grad_scale != nullptr ? *p.grad_scale : 1.f;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     Row r(p, c, g);
-    r.run(row, gscale);
+    r.run(row);
   }
 }
 

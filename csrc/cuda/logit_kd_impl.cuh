@@ -978,7 +978,9 @@ struct RowKD {
     if (g.rank == 0) P.row_loss[row] = loss;
   }
 
-  FKD_HD void run(int64_t row, float gscale) {
+  FKD_HD void run(int64_t row) {
+    // Read per row rather than once per CTA: held across the row loop it would take a register.
+    const float gscale = P.grad_scale != nullptr ? *P.grad_scale : 1.f;
     V = P.vocab;
     nt = kMulti ? P.num_teachers : 1;
     sd = P.student_dtype;
