@@ -248,7 +248,7 @@ def test_feature_without_adapter_and_teacher_grad(on_device):
 @pytest.fixture
 def small_tiles(monkeypatch):
     # Tiles of a few rows, so the sweeps cross several tiles with a tail tile.
-    monkeypatch.setattr(relation_autograd, "TILE_ELEMS", 7 * 64)
+    monkeypatch.setattr(relation_ops, "TILE_ELEMS", 7 * 64)
 
 
 @pytest.mark.parametrize("loss", ["sp", "rkd", "rkd_dist", "pkt"])
