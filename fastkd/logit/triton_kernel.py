@@ -1,4 +1,5 @@
 """Triton backend of fused logit KD (SPEC §1, §1c): one launch writes the row loss and gradients.
+The sparse top-k teacher (SPEC §1b) has its own kernel, at the end of this module.
 
 For every row r (student logits s, teachers t_i with normalised weights w_i, temperature T)::
 
@@ -251,30 +252,24 @@ def _p_times_g(DIV: tl.constexpr, x_i, p_i, mref, lacc, p, q, g):
     return pg
 
 
+@triton.jit
+def _hard_grad(s, v, y, ms, lz1, c1, eps, V, SMOOTH: tl.constexpr):
+    """d CE / d s_v (T = 1, label smoothing over the finite entries, as the reference)."""
+    gh = tl.exp(s - ms - lz1) * c1 - tl.where(v == y, 1.0 - eps, 0.0)
+    if SMOOTH:
+        gh -= tl.where(s == float("-inf"), 0.0, eps / V)
+    return gh
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernel
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logit_kd_kernel(
-    s_ptr, s_stride, t_ptrs, t_strides, t_weights, tgt_ptr, loss_ptr, gs_ptr, gt_ptrs,
-    scale_ptr, flags_ptr,
-    V, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
-    NT: tl.constexpr, NT_PAD: tl.constexpr, DIV: tl.constexpr, HAS_TARGET: tl.constexpr,
-    HAS_IGNORE: tl.constexpr, HARD: tl.constexpr, SMOOTH: tl.constexpr, NEED_S: tl.constexpr,
-    NEED_T_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    NEED_T_ANY: tl.constexpr = NEED_T_MASK != 0
-    GRAD: tl.constexpr = NEED_S or NEED_T_ANY
-    # A separate sums sweep is needed unless the gradient needs no row sum (kl, student only).
-    SUMS: tl.constexpr = (DIV != 0) or NEED_T_ANY or (not GRAD)
-    NEG_INF: tl.constexpr = float("-inf")
-
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
-    s_row = s_ptr + row * s_stride
-    lane = tl.arange(0, BLOCK_V)
-    tix = tl.arange(0, NT_PAD)
-
-    # Which rows count: ignored rows and bad targets are skipped (loop bound 0), never read.
+def _row_status(tgt_ptr, row, V, ignore_index, HAS_TARGET: tl.constexpr,
+                HAS_IGNORE: tl.constexpr):
+    """(go, bad_target, y): whether the row counts with a target in [0, V) (ignored rows and bad
+    targets get loop bounds 0: they are never read), whether a counted target lies outside
+    [0, V), and the target (0 without one)."""
     go = row >= 0
     bad_target = row < 0
     y = row * 0
@@ -286,44 +281,41 @@ def _logit_kd_kernel(
             counted = go
         bad_target = counted & ((y < 0) | (y >= V))
         go = counted & (y >= 0) & (y < V)
-    hi = tl.where(go, V, 0)
+    return go, bad_target, y
 
-    # ---- sweep 1: statistics ---------------------------------------------------------------
-    ms, zs, z1, nf = _student_stats(s_row, hi, inv_t, HARD, SMOOTH, BLOCK_V)
+
+@triton.jit
+def _teacher_stats(t_ptrs, t_strides, row, hi, zs, inv_t, tix, NT: tl.constexpr,
+                   NT_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(mvec, dlvec, n_masked): max t_i and log(Zs / Zt_i) per teacher (no rounding of log Z
+    itself), and how many teacher rows are -inf everywhere."""
     mvec = tl.zeros([NT_PAD], tl.float32)
-    dlvec = tl.zeros([NT_PAD], tl.float32)  # log(Zs / Zt_i): no rounding of log Z itself
+    dlvec = tl.zeros([NT_PAD], tl.float32)
     n_masked = tl.zeros((), tl.int32)
     for i in tl.static_range(NT):
         mt, zt = _max_sumexp(t_ptrs[i] + row * t_strides[i], hi, inv_t, BLOCK_V)
         # All -inf: max -inf and sum exactly 0. An all-NaN row also has max -inf (max ignores
         # NaN) but a NaN sum: not "masked", its NaN flows into the loss (SPEC).
-        n_masked += ((mt == NEG_INF) & (zt == 0.0)).to(tl.int32)
+        n_masked += ((mt == float("-inf")) & (zt == 0.0)).to(tl.int32)
         mvec = tl.where(tix == i, mt, mvec)
         dlvec = tl.where(tix == i, tl.log(zs / zt), dlvec)
-    s_masked = (ms == NEG_INF) & (zs == 0.0)
-    # NaN statistics are not "masked": they flow on into the loss (SPEC: NaN propagates).
-    flag = (tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
-            | tl.where(go & (n_masked > 0), 4, 0))
-    tl.atomic_or(flags_ptr, flag, mask=flag != 0)
-    live = go & ((ms != NEG_INF) | (zs != 0.0)) & (n_masked == 0)
-    hi2 = tl.where(live, V, 0)
-    lzs = tl.log(zs)
-    log_beta = tl.log(beta)
-    log_1mbeta = tl.log(1.0 - beta)
+    return mvec, dlvec, n_masked
 
-    ce = tl.zeros((), tl.float32)
-    lz1 = tl.zeros((), tl.float32)
-    if HARD:
-        lz1 = tl.log(z1)
-        s_y = tl.load(s_row + y, mask=live, other=0.0).to(tl.float32)
-        ce = lz1 - (s_y - ms)  # nll; smoothing is added after the last sweep
 
-    # ---- sweep 2: row sums (and the loss) --------------------------------------------------
+@triton.jit
+def _sums_sweep(s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dlvec, tix, inv_t,
+                beta, log_beta, log_1mbeta, SUMS: tl.constexpr, DIV: tl.constexpr,
+                NT: tl.constexpr, NT_PAD: tl.constexpr, SMOOTH: tl.constexpr,
+                NEED_T_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Sweep 2 (when SUMS): the row sums the gradient needs and the loss, as lane vectors
+    (acc_a, acc_b, acc_m, acc_c, acc_ls, acc_k) and svec (S_i of the teachers that need a
+    gradient); zeros otherwise."""
+    lane = tl.arange(0, BLOCK_V)
     acc_a = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl: D terms; jsd: Kp terms; tvd: |p - q|
     acc_b = tl.zeros([BLOCK_V], tl.float32)   # jsd: Kq terms; tvd: q mass where p > q
     acc_m = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p < q
     acc_ls = tl.zeros([BLOCK_V], tl.float32)  # label smoothing: sum over finite s of (s - ms)
-    acc_c = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p == q (acc_b: p > q, acc_m: p < q)
+    acc_c = tl.zeros([BLOCK_V], tl.float32)   # tvd: q mass where p == q
     acc_k = tl.zeros([BLOCK_V], tl.float32)   # kl/rkl: the loss in the phi form (_kl_terms)
     svec = tl.zeros([NT_PAD], tl.float32)     # S_i of the teachers that need a gradient
     if SUMS:
@@ -355,8 +347,8 @@ def _logit_kd_kernel(
                 acc_m += tl.where(diff < 0, q, 0.0)
                 acc_c += tl.where(diff == 0, q, 0.0)
             if SMOOTH:
-                acc_ls += tl.where(s == NEG_INF, 0.0, s - ms)
-            if NEED_T_ANY:
+                acc_ls += tl.where(s == float("-inf"), 0.0, s - ms)
+            if NEED_T_MASK != 0:
                 g = _teacher_g(DIV, d, f, diff, beta)
                 for i in tl.static_range(NT):
                     if (NEED_T_MASK >> i) & 1:
@@ -364,6 +356,153 @@ def _logit_kd_kernel(
                             + _pick(dlvec, tix, i)
                         pg = _p_times_g(DIV, x_i, tl.exp(x_i - lzs), mref, lacc, p, q, g)
                         svec += tl.where(tix == i, tl.sum(pg, axis=0), 0.0)
+    return acc_a, acc_b, acc_m, acc_c, acc_ls, acc_k, svec
+
+
+@triton.jit
+def _student_da(DIV: tl.constexpr, q, d, e, diff, d_row, sum_b, acc_m, acc_c, beta):
+    """dD/da_v of the student (a = s / T) from one chunk's values and the row sums."""
+    if DIV == 0:
+        da = -diff
+    elif DIV == 1:
+        da = tl.where(q == 0, 0.0, q * (-d - d_row))
+    elif DIV == 2:
+        da = tl.where(q == 0, 0.0, (1.0 - beta) * q * (-e - sum_b))
+    else:
+        # h_v - sum_u q_u h_u by class: p > q: -B - C/2; p < q: A + C/2; else (A - B)/2
+        tvd_a = sum_b
+        tvd_b = tl.sum(acc_m, axis=0)
+        tvd_c = tl.sum(acc_c, axis=0)
+        da = q * tl.where(diff > 0, -tvd_b - 0.5 * tvd_c,
+                          tl.where(diff < 0, tvd_a + 0.5 * tvd_c, 0.5 * (tvd_a - tvd_b)))
+    return da
+
+
+@triton.jit
+def _store_teacher_grads(gt_ptrs, g_row, t_ptrs, t_strides, t_weights, row, offs, mask, mvec,
+                         dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, cf, DIV: tl.constexpr,
+                         NT: tl.constexpr, NEED_T_MASK: tl.constexpr):
+    """Teacher gradients of one chunk: cf w_i (p_i g - p_i S_i) for every teacher in the mask."""
+    for i in tl.static_range(NT):
+        if (NEED_T_MASK >> i) & 1:
+            x_i = _teacher_b(t_ptrs, t_strides, row, i, offs, mask, mvec, tix, inv_t) \
+                + _pick(dlvec, tix, i)
+            p_i = tl.exp(x_i - lzs)
+            pg = _p_times_g(DIV, x_i, p_i, mref, lacc, p, q, g)
+            s_i = _pick(svec, tix, i)
+            w_i = t_weights[i]
+            gt = (cf * w_i) * (pg - tl.where(p_i == 0, 0.0, p_i * s_i))
+            gt = tl.where(w_i == 0, 0.0, gt)  # a zero-weight teacher has no gradient
+            gt_ptr = gt_ptrs[i]
+            tl.store(gt_ptr + g_row + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_sweep(s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row, y, hi2, V, ms,
+                lzs, lz1, nf, mvec, dlvec, svec, tix, inv_t, beta, log_beta, log_1mbeta, eps,
+                cf, hw, d_row, sum_b, acc_m, acc_c, acc_k, acc_ls, SUMS: tl.constexpr,
+                DIV: tl.constexpr, NT: tl.constexpr, HARD: tl.constexpr, SMOOTH: tl.constexpr,
+                NEED_S: tl.constexpr, NEED_T_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Sweep 3: the student and teacher gradients of the counted rows. Without a sums sweep (kl,
+    student only) it also accumulates the loss: returns (acc_d, acc_k, acc_ls)."""
+    lane = tl.arange(0, BLOCK_V)
+    c1 = 1.0 - eps + eps * nf.to(tl.float32) / V  # hard CE: coefficient of q1
+    acc_d = tl.zeros([BLOCK_V], tl.float32)   # kl D terms when sweep 2 was merged in here
+    for start in range(0, hi2, BLOCK_V):
+        offs = start + lane
+        mask = offs < hi2
+        s, q, u, d, p, mref, lacc = _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs,
+                                           mask, ms, lzs, mvec, dlvec, tix, inv_t, NT,
+                                           BLOCK_V)
+        e = d
+        f = d
+        diff = d
+        if DIV == 2:
+            e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
+        if DIV == 0 or DIV == 3:
+            diff = _p_minus_q(p, q, d)
+        if not SUMS:
+            acc_d += tl.where(p == 0, 0.0, p * d)
+            acc_k += _kl_terms(p, q, d)
+            if SMOOTH:
+                acc_ls += tl.where(s == float("-inf"), 0.0, s - ms)
+        if NEED_S:
+            gs = cf * _student_da(DIV, q, d, e, diff, d_row, sum_b, acc_m, acc_c, beta)
+            if HARD:
+                gs += hw * _hard_grad(s, offs, y, ms, lz1, c1, eps, V, SMOOTH)
+            tl.store(gs_ptr + g_row + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+        if NEED_T_MASK != 0:
+            g = _teacher_g(DIV, d, f, diff, beta)
+            _store_teacher_grads(gt_ptrs, g_row, t_ptrs, t_strides, t_weights, row, offs, mask,
+                                 mvec, dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, cf,
+                                 DIV, NT, NEED_T_MASK)
+    return acc_d, acc_k, acc_ls
+
+
+@triton.jit
+def _zero_grads(gs_ptr, gt_ptrs, g_row, hi0, NT: tl.constexpr, NEED_S: tl.constexpr,
+                NEED_T_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Zero gradients over [0, hi0) (rows that do not count: the buffers are uninitialised)."""
+    lane = tl.arange(0, BLOCK_V)
+    for start in range(0, hi0, BLOCK_V):
+        offs = start + lane
+        mask = offs < hi0
+        zero = tl.zeros([BLOCK_V], tl.float32)
+        if NEED_S:
+            tl.store(gs_ptr + g_row + offs, zero.to(gs_ptr.dtype.element_ty), mask=mask)
+        for i in tl.static_range(NT):
+            if (NEED_T_MASK >> i) & 1:
+                gt_ptr = gt_ptrs[i]
+                tl.store(gt_ptr + g_row + offs, zero.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _logit_kd_kernel(
+    s_ptr, s_stride, t_ptrs, t_strides, t_weights, tgt_ptr, loss_ptr, gs_ptr, gt_ptrs,
+    scale_ptr, flags_ptr,
+    V, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
+    NT: tl.constexpr, NT_PAD: tl.constexpr, DIV: tl.constexpr, HAS_TARGET: tl.constexpr,
+    HAS_IGNORE: tl.constexpr, HARD: tl.constexpr, SMOOTH: tl.constexpr, NEED_S: tl.constexpr,
+    NEED_T_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    NEED_T_ANY: tl.constexpr = NEED_T_MASK != 0
+    GRAD: tl.constexpr = NEED_S or NEED_T_ANY
+    # A separate sums sweep is needed unless the gradient needs no row sum (kl, student only).
+    SUMS: tl.constexpr = (DIV != 0) or NEED_T_ANY or (not GRAD)
+    NEG_INF: tl.constexpr = float("-inf")
+
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
+    s_row = s_ptr + row * s_stride
+    tix = tl.arange(0, NT_PAD)
+    go, bad_target, y = _row_status(tgt_ptr, row, V, ignore_index, HAS_TARGET, HAS_IGNORE)
+    hi = tl.where(go, V, 0)
+
+    # ---- sweep 1: statistics ---------------------------------------------------------------
+    ms, zs, z1, nf = _student_stats(s_row, hi, inv_t, HARD, SMOOTH, BLOCK_V)
+    mvec, dlvec, n_masked = _teacher_stats(t_ptrs, t_strides, row, hi, zs, inv_t, tix, NT,
+                                           NT_PAD, BLOCK_V)
+    s_masked = (ms == NEG_INF) & (zs == 0.0)
+    # NaN statistics are not "masked": they flow on into the loss (SPEC: NaN propagates).
+    flag = (tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
+            | tl.where(go & (n_masked > 0), 4, 0))
+    tl.atomic_or(flags_ptr, flag, mask=flag != 0)
+    live = go & ((ms != NEG_INF) | (zs != 0.0)) & (n_masked == 0)
+    hi2 = tl.where(live, V, 0)
+    lzs = tl.log(zs)
+    log_beta = tl.log(beta)
+    log_1mbeta = tl.log(1.0 - beta)
+
+    ce = tl.zeros((), tl.float32)
+    lz1 = tl.zeros((), tl.float32)
+    if HARD:
+        lz1 = tl.log(z1)
+        s_y = tl.load(s_row + y, mask=live, other=0.0).to(tl.float32)
+        ce = lz1 - (s_y - ms)  # nll; smoothing is added after the last sweep
+
+    # ---- sweep 2: row sums (and the loss) --------------------------------------------------
+    acc_a, acc_b, acc_m, acc_c, acc_ls, acc_k, svec = _sums_sweep(
+        s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dlvec, tix, inv_t, beta,
+        log_beta, log_1mbeta, SUMS, DIV, NT, NT_PAD, SMOOTH, NEED_T_MASK, BLOCK_V)
     sum_a = tl.sum(acc_a, axis=0)
     sum_b = tl.sum(acc_b, axis=0)
     if DIV == 2:
@@ -378,80 +517,17 @@ def _logit_kd_kernel(
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(tl.float32)
-        cf = soft_factor * inv_t * scale
-        hw = hard_weight * scale
-        c1 = 1.0 - eps + eps * nf.to(tl.float32) / V  # hard CE: coefficient of q1
         g_row = row * V  # gradients are contiguous [N, V]
-        acc_d = tl.zeros([BLOCK_V], tl.float32)   # kl D terms when sweep 2 was merged in here
-        for start in range(0, hi2, BLOCK_V):
-            offs = start + lane
-            mask = offs < hi2
-            s, q, u, d, p, mref, lacc = _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs,
-                                               mask, ms, lzs, mvec, dlvec, tix, inv_t, NT,
-                                               BLOCK_V)
-            e = d
-            f = d
-            diff = d
-            if DIV == 2:
-                e, f = _jsd_logs(d, beta, log_beta, log_1mbeta)
-            if DIV == 0 or DIV == 3:
-                diff = _p_minus_q(p, q, d)
-            if not SUMS:
-                acc_d += tl.where(p == 0, 0.0, p * d)
-                acc_k += _kl_terms(p, q, d)
-                if SMOOTH:
-                    acc_ls += tl.where(s == NEG_INF, 0.0, s - ms)
-            if NEED_S:
-                if DIV == 0:
-                    da = -diff
-                elif DIV == 1:
-                    da = tl.where(q == 0, 0.0, q * (-d - d_row))
-                elif DIV == 2:
-                    da = tl.where(q == 0, 0.0, (1.0 - beta) * q * (-e - sum_b))
-                else:
-                    # h_v - sum_u q_u h_u by class: p > q: -B - C/2; p < q: A + C/2; else (A - B)/2
-                    tvd_a = sum_b
-                    tvd_b = tl.sum(acc_m, axis=0)
-                    tvd_c = tl.sum(acc_c, axis=0)
-                    da = q * tl.where(diff > 0, -tvd_b - 0.5 * tvd_c,
-                                      tl.where(diff < 0, tvd_a + 0.5 * tvd_c, 0.5 * (tvd_a - tvd_b)))
-                gs = cf * da
-                if HARD:
-                    q1 = tl.exp(s - ms - lz1)
-                    gh = q1 * c1 - tl.where(offs == y, 1.0 - eps, 0.0)
-                    if SMOOTH:
-                        gh -= tl.where(s == NEG_INF, 0.0, eps / V)
-                    gs += hw * gh
-                tl.store(gs_ptr + g_row + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
-            if NEED_T_ANY:
-                g = _teacher_g(DIV, d, f, diff, beta)
-                for i in tl.static_range(NT):
-                    if (NEED_T_MASK >> i) & 1:
-                        x_i = _teacher_b(t_ptrs, t_strides, row, i, offs, mask, mvec, tix, inv_t) \
-                            + _pick(dlvec, tix, i)
-                        p_i = tl.exp(x_i - lzs)
-                        pg = _p_times_g(DIV, x_i, p_i, mref, lacc, p, q, g)
-                        s_i = _pick(svec, tix, i)
-                        w_i = t_weights[i]
-                        gt = (cf * w_i) * (pg - tl.where(p_i == 0, 0.0, p_i * s_i))
-                        gt = tl.where(w_i == 0, 0.0, gt)  # a zero-weight teacher has no gradient
-                        gt_ptr = gt_ptrs[i]
-                        tl.store(gt_ptr + g_row + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+        acc_d, acc_k, acc_ls = _grad_sweep(
+            s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row, y, hi2, V, ms,
+            lzs, lz1, nf, mvec, dlvec, svec, tix, inv_t, beta, log_beta, log_1mbeta, eps,
+            soft_factor * inv_t * scale, hard_weight * scale, d_row, sum_b, acc_m, acc_c, acc_k,
+            acc_ls, SUMS, DIV, NT, HARD, SMOOTH, NEED_S, NEED_T_MASK, BLOCK_V)
         if not SUMS:
             d_row = tl.sum(acc_d, axis=0)
             sum_b = tl.sum(acc_b, axis=0)
-        # Rows that do not count (ignored, bad target, all -inf): the buffers are uninitialised.
-        hi0 = tl.where(live, 0, V)
-        for start in range(0, hi0, BLOCK_V):
-            offs = start + lane
-            mask = offs < hi0
-            zero = tl.zeros([BLOCK_V], tl.float32)
-            if NEED_S:
-                tl.store(gs_ptr + g_row + offs, zero.to(gs_ptr.dtype.element_ty), mask=mask)
-            for i in tl.static_range(NT):
-                if (NEED_T_MASK >> i) & 1:
-                    gt_ptr = gt_ptrs[i]
-                    tl.store(gt_ptr + g_row + offs, zero.to(gt_ptr.dtype.element_ty), mask=mask)
+        _zero_grads(gs_ptr, gt_ptrs, g_row, tl.where(live, 0, V), NT, NEED_S, NEED_T_MASK,
+                    BLOCK_V)
 
     d_loss = d_row
     if DIV == 0 or DIV == 1:
@@ -509,6 +585,100 @@ def launch_config(vocab: int, num_teachers: int, divergence: int, teacher_grad: 
             "maxnreg": MAX_REGISTERS}
 
 
+def _check_student(student) -> tuple:
+    """``(rows, vocab)`` of a 2-D student the Triton kernels take (SPEC §Errors: the checks
+    that need no device data)."""
+    if not isinstance(student, torch.Tensor) or student.dim() != 2:
+        raise ValueError("student_logits must be a 2-D tensor [N, V] here")
+    rows, vocab = student.shape
+    if vocab < 1:
+        raise ValueError("student_logits: V must be >= 1")
+    if student.dtype not in _DTYPES:
+        raise TypeError(f"student_logits: the triton backend takes float32, bfloat16 or float16, "
+                        f"got {student.dtype}")
+    if vocab > 1 and student.stride(1) != 1:
+        raise ValueError("student_logits: the vocabulary stride must be 1")
+    if student.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("the 'triton' backend needs CUDA tensors (or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before triton is imported)")
+    return rows, vocab
+
+
+def _check_teachers(teachers, weights, need_t, student):
+    """The teachers' common dtype, after checking them against the student."""
+    nt = len(teachers)
+    if not 1 <= nt <= MAX_TEACHERS:
+        raise ValueError(f"teacher_logits: 1 to {MAX_TEACHERS} teachers, got {nt}")
+    if len(weights) != nt:
+        raise ValueError("teacher_weights: one weight per teacher")
+    if len(need_t) != nt:
+        raise ValueError("need_t: one bool per teacher")
+    t_dtype = teachers[0].dtype
+    if t_dtype not in _DTYPES:
+        raise TypeError(f"teacher_logits: the triton backend takes float32, bfloat16 or float16, "
+                        f"got {t_dtype}")
+    for t in teachers:
+        if t.shape != student.shape:
+            raise ValueError("teacher_logits must have the student's shape")
+        if t.dtype != t_dtype:
+            raise TypeError("teacher_logits: all teachers must share one dtype")
+        if t.device != student.device:
+            raise ValueError("teacher_logits must be on the student's device")
+        if student.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError("teacher_logits: the vocabulary stride must be 1")
+    return t_dtype
+
+
+def _check_target(target, rows, device):
+    """``target`` as a contiguous int64 ``[N]`` (or ``None``)."""
+    if target is None:
+        return None
+    if target.dtype != torch.int64 or target.numel() != rows or target.device != device:
+        raise ValueError("target must be an int64 tensor [N] on the student's device")
+    return target.reshape(rows).contiguous()
+
+
+def _scale_arg(grad_scale, device):
+    """``grad_scale`` as a one-element float32 tensor on ``device`` (or ``None``)."""
+    if grad_scale is None:
+        return None
+    if grad_scale.numel() != 1:
+        raise ValueError("grad_scale must hold one value")
+    return grad_scale.to(device=device, dtype=torch.float32).reshape(1).contiguous()
+
+
+def _override(opts: dict, num_warps=None, **blocks) -> dict:
+    """Launch options with the tests' overrides (block sizes: powers of two >= 2)."""
+    for name, value in blocks.items():
+        if value is not None:
+            block = int(value)
+            if block < 2 or block & (block - 1):
+                raise ValueError(f"{name} must be a power of two >= 2, got {value}")
+            opts[name.upper()] = block
+    if num_warps is not None:
+        opts["num_warps"] = int(num_warps)
+    return opts
+
+
+def _hard_config(cfg, target) -> tuple:
+    """(hard, smooth, has_ignore, ignore): the hard-CE switches and the ignore index the
+    kernels take (an ignore_index no int64 target can equal is none)."""
+    hard = target is not None and cfg.hard_weight != 0.0
+    smooth = hard and cfg.label_smoothing != 0.0
+    ignore = int(cfg.ignore_index)
+    has_ignore = _INT64_MIN <= ignore <= _INT64_MAX
+    return hard, smooth, has_ignore, ignore if has_ignore else 0
+
+
+def _launch_rows(kernel, device, rows, args, meta):
+    """One program per row, on the student's device."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            launch(kernel, (rows,), *args, **meta)
+    else:
+        launch(kernel, (rows,), *args, **meta)
+
+
 def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s, need_t, *,
                      block_v=None, num_warps=None):
     """Fused logit KD on the Triton backend: the row losses and the gradients in one launch.
@@ -537,44 +707,10 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
         [0, V)), 2 (a counted student row all -inf), 4 (a counted teacher row all -inf). Rows
         with a flag get loss 0 and gradient 0; the caller raises.
     """
-    if not isinstance(student, torch.Tensor) or student.dim() != 2:
-        raise ValueError("student_logits must be a 2-D tensor [N, V] here")
-    rows, vocab = student.shape
-    if vocab < 1:
-        raise ValueError("student_logits: V must be >= 1")
-    if student.dtype not in _DTYPES:
-        raise TypeError(f"student_logits: the triton backend takes float32, bfloat16 or float16, "
-                        f"got {student.dtype}")
-    if vocab > 1 and student.stride(1) != 1:
-        raise ValueError("student_logits: the vocabulary stride must be 1")
+    rows, vocab = _check_student(student)
     device = student.device
-    if device.type == "cpu" and not _interpreting():
-        raise RuntimeError("the 'triton' backend needs CUDA tensors (or CPU tensors with "
-                           "TRITON_INTERPRET=1 set before triton is imported)")
-    nt = len(teachers)
-    if not 1 <= nt <= MAX_TEACHERS:
-        raise ValueError(f"teacher_logits: 1 to {MAX_TEACHERS} teachers, got {nt}")
-    if len(weights) != nt:
-        raise ValueError("teacher_weights: one weight per teacher")
-    if len(need_t) != nt:
-        raise ValueError("need_t: one bool per teacher")
-    t_dtype = teachers[0].dtype
-    if t_dtype not in _DTYPES:
-        raise TypeError(f"teacher_logits: the triton backend takes float32, bfloat16 or float16, "
-                        f"got {t_dtype}")
-    for t in teachers:
-        if t.shape != student.shape:
-            raise ValueError("teacher_logits must have the student's shape")
-        if t.dtype != t_dtype:
-            raise TypeError("teacher_logits: all teachers must share one dtype")
-        if t.device != device:
-            raise ValueError("teacher_logits must be on the student's device")
-        if vocab > 1 and t.stride(1) != 1:
-            raise ValueError("teacher_logits: the vocabulary stride must be 1")
-    if target is not None:
-        if target.dtype != torch.int64 or target.numel() != rows or target.device != device:
-            raise ValueError("target must be an int64 tensor [N] on the student's device")
-        target = target.reshape(rows).contiguous()
+    t_dtype = _check_teachers(teachers, weights, need_t, student)
+    target = _check_target(target, rows, device)
 
     row_loss = torch.empty(rows, dtype=torch.float32, device=device)
     flags = torch.zeros(1, dtype=torch.int32, device=device)
@@ -583,51 +719,31 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
               for n in need_t]
     if rows == 0:
         return row_loss, grad_s, grad_t, flags
+    scale = _scale_arg(grad_scale, device)
 
-    scale = None
-    if grad_scale is not None:
-        if grad_scale.numel() != 1:
-            raise ValueError("grad_scale must hold one value")
-        scale = grad_scale.to(device=device, dtype=torch.float32).reshape(1).contiguous()
-
+    nt = len(teachers)
     div, beta = cfg.kernel_divergence
-    hard = target is not None and cfg.hard_weight != 0.0
-    smooth = hard and cfg.label_smoothing != 0.0
-    ignore = int(cfg.ignore_index)
-    has_ignore = _INT64_MIN <= ignore <= _INT64_MAX  # else no int64 target can equal it
+    hard, smooth, has_ignore, ignore = _hard_config(cfg, target)
     need_mask = sum(1 << i for i, n in enumerate(need_t) if n)
-
-    launch_opts = launch_config(vocab, nt, int(div), need_mask != 0, device.type == "cpu")
-    if block_v is not None:
-        block = int(block_v)
-        if block < 2 or block & (block - 1):
-            raise ValueError(f"block_v must be a power of two >= 2, got {block_v}")
-        launch_opts["BLOCK_V"] = block
-    if num_warps is not None:
-        launch_opts["num_warps"] = int(num_warps)
-
+    opts = _override(launch_config(vocab, nt, int(div), need_mask != 0, device.type == "cpu"),
+                     num_warps, block_v=block_v)
     # Unused pointer slots point at real tensors of the right dtype; constexpr flags keep the
     # kernel from touching them.
-    gs_arg = grad_s if grad_s is not None else student
-    gt_args = tuple(g if g is not None else teachers[i] for i, g in enumerate(grad_t))
     args = (
         student, student.stride(0), tuple(teachers), tuple(t.stride(0) for t in teachers),
         tuple(float(w) for w in weights), target if target is not None else row_loss,
-        row_loss, gs_arg, gt_args, scale if scale is not None else row_loss, flags,
-        vocab, ignore if has_ignore else 0, 1.0 / cfg.temperature, float(beta),
+        row_loss, grad_s if grad_s is not None else student,
+        tuple(g if g is not None else teachers[i] for i, g in enumerate(grad_t)),
+        scale if scale is not None else row_loss, flags,
+        vocab, ignore, 1.0 / cfg.temperature, float(beta),
         float(cfg.soft_factor), float(cfg.hard_weight), float(cfg.label_smoothing),
     )
     meta = dict(
         NT=nt, NT_PAD=max(2, triton.next_power_of_2(nt)), DIV=int(div),
         HAS_TARGET=target is not None, HAS_IGNORE=has_ignore, HARD=hard, SMOOTH=smooth,
-        NEED_S=bool(need_s), NEED_T_MASK=need_mask, HAS_SCALE=scale is not None,
-        **launch_opts,
+        NEED_S=bool(need_s), NEED_T_MASK=need_mask, HAS_SCALE=scale is not None, **opts,
     )
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            launch(_logit_kd_kernel, (rows,), *args, **meta)
-    else:
-        launch(_logit_kd_kernel, (rows,), *args, **meta)
+    _launch_rows(_logit_kd_kernel, device, rows, args, meta)
     return row_loss, grad_s, grad_t, flags
 
 
@@ -654,7 +770,7 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
 #
 # KL's and reverse KL's loss use the phi form of _kl_terms over the buckets, plus the excess
 # sum_b P_b - 1 (nonzero only when the listed mass exceeds 1 or the residual is empty).
-_FAR_RESIDUAL = tl.constexpr(40.0)  # nats: a residual sum below e^-40 of the row sum is recomputed
+_FAR_RESIDUAL = tl.constexpr(40.0)  # nats: a rest below e^-40 of the max is summed again
 
 
 @triton.jit
@@ -798,63 +914,26 @@ def _bucket_h(DIV: tl.constexpr, p, q, d, excess, sum1, sum2, sum3, beta, log_be
 
 
 @triton.jit
-def _hard_grad(s, v, y, ms, lz1, c1, eps, V, SMOOTH: tl.constexpr):
-    """d CE / d s_v (T = 1, label smoothing over the finite entries, as the reference)."""
-    gh = tl.exp(s - ms - lz1) * c1 - tl.where(v == y, 1.0 - eps, 0.0)
-    if SMOOTH:
-        gh -= tl.where(s == float("-inf"), 0.0, eps / V)
-    return gh
+def _residual_logq(s_row, sidx_row, live, ms, zs, z_rest, m_rest, V, K, inv_t,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(empty, r_ref, lzr, lq_res): whether no unlisted entry is finite (k = V, or the rest is
+    masked), Z_rest = exp(lzr) as the sum of exp((s - r_ref) / T) over the unlisted entries, and
+    log Q_res. A residual far below the max is summed again relative to its own max."""
+    empty = m_rest == float("-inf")
+    far = live & (m_rest != float("-inf")) & ((m_rest - ms) * inv_t < -_FAR_RESIDUAL)
+    z_far = _rest_sumexp(s_row, sidx_row, tl.where(far, V, 0), K, m_rest, inv_t, BLOCK_V,
+                         BLOCK_K)
+    r_ref = tl.where(far, m_rest, ms)
+    lzr = tl.log(tl.where(far, z_far, z_rest))
+    lq_res = tl.where(empty, float("-inf"), (r_ref - ms) * inv_t + lzr - tl.log(zs))
+    return empty, r_ref, lzr, lq_res
 
 
 @triton.jit
-def _logit_topk_kernel(
-    s_ptr, s_stride, idx_ptr, lp_ptr, sidx_ptr, tgt_ptr, loss_ptr, g_ptr, scale_ptr, flags_ptr,
-    V, K, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
-    DIV: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, HARD: tl.constexpr,
-    SMOOTH: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    NEG_INF: tl.constexpr = float("-inf")
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    idx_row = idx_ptr + row * K
-    lp_row = lp_ptr + row * K
-    sidx_row = sidx_ptr + row * K
-
-    # Which rows count: ignored rows and bad targets are never read (loop bounds 0).
-    go = row >= 0
-    bad_target = row < 0
-    y = row * 0
-    if HAS_TARGET:
-        y = tl.load(tgt_ptr + row)
-        if HAS_IGNORE:
-            counted = y != ignore_index
-        else:
-            counted = go
-        bad_target = counted & ((y < 0) | (y >= V))
-        go = counted & (y >= 0) & (y < V)
-    hi = tl.where(go, V, 0)
-
-    # ---- (1) statistics over V ---------------------------------------------------------------
-    ms, zs, z_rest, m_rest, z1, nf, ls = _topk_stats(s_row, sidx_row, hi, K, inv_t, HARD,
-                                                     SMOOTH, BLOCK_V, BLOCK_K)
-    s_masked = (ms == NEG_INF) & (zs == 0.0)
-    flag = tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
-    tl.atomic_or(flags_ptr, flag, mask=flag != 0)
-    live = go & ((ms != NEG_INF) | (zs != 0.0))
-    lzs = tl.log(zs)
-    empty = m_rest == NEG_INF  # no unlisted finite entry (k = V, or the rest is masked)
-    far = live & (m_rest != NEG_INF) & ((m_rest - ms) * inv_t < -_FAR_RESIDUAL)
-    z_far = _rest_sumexp(s_row, sidx_row, tl.where(far, V, 0), K, m_rest, inv_t, BLOCK_V,
-                         BLOCK_K)
-    r_ref = tl.where(far, m_rest, ms)  # Z_rest is sum exp((s - r_ref) / T) over the unlisted
-    lzr = tl.log(tl.where(far, z_far, z_rest))
-    lq_res = tl.where(empty, NEG_INF, (r_ref - ms) * inv_t + lzr - lzs)
-
-    # ---- (2) the k + 1 buckets ---------------------------------------------------------------
-    log_beta = tl.log(beta)
-    log_1mbeta = tl.log(1.0 - beta)
-    hk = tl.where(live, K, 0)
+def _bucket_sums(idx_row, lp_row, s_row, hk, ms, lzs, inv_t, empty, lq_res, beta, log_beta,
+                 log_1mbeta, DIV: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass (2) over the k listed entries, then the residual bucket: (D, P_res, Q_res, d_res,
+    excess, sum1, sum2, sum3), the last four being what the bucket gradients need."""
     kl = tl.arange(0, BLOCK_K)
     acc_p = tl.zeros([BLOCK_K], tl.float32)
     acc0 = tl.zeros([BLOCK_K], tl.float32)
@@ -875,7 +954,7 @@ def _logit_topk_kernel(
     # sum_b P_b - 1, exactly 0 whenever the residual takes up the missing mass.
     excess = tl.where(empty | (sum_p > 1.0), sum_p - 1.0, 0.0)
     q_res = tl.exp(lq_res)
-    d_res = tl.where(p_res == 0.0, NEG_INF,
+    d_res = tl.where(p_res == 0.0, float("-inf"),
                      tl.where(empty, float("inf"), tl.log(p_res) - lq_res))
     r0, r1, r2, r3 = _bucket_loss(DIV, p_res, q_res, d_res, beta, log_beta, log_1mbeta)
     sum0 = tl.sum(acc0, axis=0) + r0
@@ -890,45 +969,92 @@ def _logit_topk_kernel(
         d_row = beta * sum0 + (1.0 - beta) * sum1
     else:
         d_row = 0.5 * sum0
+    return d_row, p_res, q_res, d_res, excess, sum1, sum2, sum3
 
-    lz1 = tl.log(z1)
+
+@triton.jit
+def _topk_grad(g_ptr, s_row, idx_row, lp_row, row, y, live, V, hk, ms, lzs, lz1, nf, r_ref, lzr,
+               empty, p_res, q_res, d_res, excess, sum1, sum2, sum3, inv_t, beta, log_beta,
+               log_1mbeta, eps, cf, hw, DIV: tl.constexpr, HARD: tl.constexpr,
+               SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pass (3): cf h_res e_v / Z_rest (+ hard CE) at every entry, then cf h_j (+ hard CE) over
+    the listed ones; zeros on rows that do not count (nothing read)."""
+    c1 = 1.0 - eps + eps * nf.to(tl.float32) / V
+    h_res = _bucket_h(DIV, p_res, q_res, d_res, excess, sum1, sum2, sum3, beta, log_beta,
+                      log_1mbeta)
+    c_res = tl.where(empty, 0.0, cf * h_res)
+    lzr_g = tl.where(empty, float("inf"), lzr)  # e_v / Z_rest = 0 when there is no rest
+    g_row = g_ptr + row * V  # the gradient is contiguous [N, V]
+    lane = tl.arange(0, BLOCK_V)
+    hi2 = tl.where(live, V, 0)
+    for start in range(0, V, BLOCK_V):
+        offs = start + lane
+        s = _load_row(s_row, offs, offs < hi2)
+        # e_v / Z_rest <= 1 for an unlisted entry; the cap keeps listed ones (rewritten below)
+        # finite.
+        g = c_res * tl.exp(tl.minimum((s - r_ref) * inv_t - lzr_g, 0.0))
+        if HARD:
+            g += hw * _hard_grad(s, offs, y, ms, lz1, c1, eps, V, SMOOTH)
+        g = tl.where(live, g, 0.0)
+        tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
+    # The listed entries over it: every thread's stores above land first.
+    tl.debug_barrier()
+    kl = tl.arange(0, BLOCK_K)
+    for j0 in range(0, hk, BLOCK_K):
+        kk = j0 + kl
+        km = kk < hk
+        idx, s, p, q, d = _listed_block(idx_row, lp_row, s_row, kk, km, ms, lzs, inv_t)
+        g = cf * _bucket_h(DIV, p, q, d, excess, sum1, sum2, sum3, beta, log_beta, log_1mbeta)
+        if HARD:
+            g += hw * _hard_grad(s, idx, y, ms, lz1, c1, eps, V, SMOOTH)
+        tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=km)
+
+
+@triton.jit
+def _logit_topk_kernel(
+    s_ptr, s_stride, idx_ptr, lp_ptr, sidx_ptr, tgt_ptr, loss_ptr, g_ptr, scale_ptr, flags_ptr,
+    V, K, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
+    DIV: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_IGNORE: tl.constexpr, HARD: tl.constexpr,
+    SMOOTH: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    idx_row = idx_ptr + row * K
+    lp_row = lp_ptr + row * K
+    sidx_row = sidx_ptr + row * K
+    go, bad_target, y = _row_status(tgt_ptr, row, V, ignore_index, HAS_TARGET, HAS_IGNORE)
+
+    # ---- (1) statistics over V ---------------------------------------------------------------
+    ms, zs, z_rest, m_rest, z1, nf, ls = _topk_stats(s_row, sidx_row, tl.where(go, V, 0), K,
+                                                     inv_t, HARD, SMOOTH, BLOCK_V, BLOCK_K)
+    s_masked = (ms == NEG_INF) & (zs == 0.0)
+    flag = tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
+    tl.atomic_or(flags_ptr, flag, mask=flag != 0)
+    live = go & ((ms != NEG_INF) | (zs != 0.0))
+    empty, r_ref, lzr, lq_res = _residual_logq(s_row, sidx_row, live, ms, zs, z_rest, m_rest, V,
+                                               K, inv_t, BLOCK_V, BLOCK_K)
+
+    # ---- (2) the k + 1 buckets ---------------------------------------------------------------
+    lzs = tl.log(zs)
+    log_beta = tl.log(beta)
+    log_1mbeta = tl.log(1.0 - beta)
+    hk = tl.where(live, K, 0)
+    d_row, p_res, q_res, d_res, excess, sum1, sum2, sum3 = _bucket_sums(
+        idx_row, lp_row, s_row, hk, ms, lzs, inv_t, empty, lq_res, beta, log_beta, log_1mbeta,
+        DIV, BLOCK_K)
+
     # ---- (3) gradient -----------------------------------------------------------------------
+    lz1 = tl.log(z1)
     if NEED_GRAD:
         scale = 1.0
         if HAS_SCALE:
             scale = tl.load(scale_ptr).to(tl.float32)
-        cf = soft_factor * inv_t * scale
-        hw = hard_weight * scale
-        c1 = 1.0 - eps + eps * nf.to(tl.float32) / V
-        h_res = _bucket_h(DIV, p_res, q_res, d_res, excess, sum1, sum2, sum3, beta, log_beta,
-                          log_1mbeta)
-        c_res = tl.where(empty, 0.0, cf * h_res)
-        lzr_g = tl.where(empty, float("inf"), lzr)  # e_v / Z_rest = 0 when there is no rest
-        g_row = g_ptr + row * V  # the gradient is contiguous [N, V]
-        lane = tl.arange(0, BLOCK_V)
-        hi2 = tl.where(live, V, 0)
-        # Every entry as if unlisted (non-counted rows: zeros, nothing read) ...
-        for start in range(0, V, BLOCK_V):
-            offs = start + lane
-            s = _load_row(s_row, offs, offs < hi2)
-            # e_v / Z_rest <= 1 for an unlisted entry; the cap keeps listed ones (rewritten
-            # below) finite.
-            g = c_res * tl.exp(tl.minimum((s - r_ref) * inv_t - lzr_g, 0.0))
-            if HARD:
-                g += hw * _hard_grad(s, offs, y, ms, lz1, c1, eps, V, SMOOTH)
-            g = tl.where(live, g, 0.0)
-            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
-        # ... then the listed entries over it: every thread's stores above land first.
-        tl.debug_barrier()
-        for j0 in range(0, hk, BLOCK_K):
-            kk = j0 + kl
-            km = kk < hk
-            idx, s, p, q, d = _listed_block(idx_row, lp_row, s_row, kk, km, ms, lzs, inv_t)
-            g = cf * _bucket_h(DIV, p, q, d, excess, sum1, sum2, sum3, beta, log_beta,
-                               log_1mbeta)
-            if HARD:
-                g += hw * _hard_grad(s, idx, y, ms, lz1, c1, eps, V, SMOOTH)
-            tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=km)
+        _topk_grad(g_ptr, s_row, idx_row, lp_row, row, y, live, V, hk, ms, lzs, lz1, nf, r_ref,
+                   lzr, empty, p_res, q_res, d_res, excess, sum1, sum2, sum3, inv_t, beta,
+                   log_beta, log_1mbeta, eps, soft_factor * inv_t * scale, hard_weight * scale,
+                   DIV, HARD, SMOOTH, BLOCK_V, BLOCK_K)
 
     loss = soft_factor * d_row
     if HARD:
@@ -975,20 +1101,10 @@ def logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale, need
         ``flags`` int32 ``[1]``: 1 (a counted target outside [0, V)), 2 (a counted student row
         all -inf). Rows with a flag get loss 0 and gradient 0; the caller raises.
     """
-    if not isinstance(student, torch.Tensor) or student.dim() != 2:
-        raise ValueError("student_logits must be a 2-D tensor [N, V] here")
-    rows, vocab = student.shape
-    if not 1 <= vocab < 2 ** 31:
-        raise ValueError("student_logits: V must be in [1, 2^31)")
-    if student.dtype not in _DTYPES:
-        raise TypeError(f"student_logits: the triton backend takes float32, bfloat16 or float16, "
-                        f"got {student.dtype}")
-    if vocab > 1 and student.stride(1) != 1:
-        raise ValueError("student_logits: the vocabulary stride must be 1")
+    rows, vocab = _check_student(student)
+    if vocab >= 2 ** 31:
+        raise ValueError("student_logits: V must be below 2^31 (the indices are sorted as int32)")
     device = student.device
-    if device.type == "cpu" and not _interpreting():
-        raise RuntimeError("the 'triton' backend needs CUDA tensors (or CPU tensors with "
-                           "TRITON_INTERPRET=1 set before triton is imported)")
     if indices.dim() != 2 or indices.shape[0] != rows or indices.dtype != torch.int64:
         raise ValueError("teacher_topk indices must be an int64 tensor [N, k]")
     k = indices.shape[1]
@@ -998,53 +1114,31 @@ def logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale, need
         raise ValueError("teacher_topk logprobs must be a float tensor shaped like indices")
     if indices.device != device or logprobs.device != device:
         raise ValueError("teacher_topk must be on the student's device")
-    if target is not None:
-        if target.dtype != torch.int64 or target.numel() != rows or target.device != device:
-            raise ValueError("target must be an int64 tensor [N] on the student's device")
-        target = target.reshape(rows).contiguous()
+    target = _check_target(target, rows, device)
 
     row_loss = torch.empty(rows, dtype=torch.float32, device=device)
     flags = torch.zeros(1, dtype=torch.int32, device=device)
     grad = torch.empty((rows, vocab), dtype=student.dtype, device=device) if need_grad else None
     if rows == 0:
         return row_loss, grad, flags
-    scale = None
-    if grad_scale is not None:
-        if grad_scale.numel() != 1:
-            raise ValueError("grad_scale must hold one value")
-        scale = grad_scale.to(device=device, dtype=torch.float32).reshape(1).contiguous()
-
+    scale = _scale_arg(grad_scale, device)
     indices = indices.contiguous()
     logprobs = logprobs.contiguous()
     # Sorted per row, the listed indices of a vocabulary chunk are one contiguous run.
     sorted_idx = torch.sort(indices.to(torch.int32), dim=1).values
 
     div, beta = cfg.kernel_divergence
-    hard = target is not None and cfg.hard_weight != 0.0
-    smooth = hard and cfg.label_smoothing != 0.0
-    ignore = int(cfg.ignore_index)
-    has_ignore = _INT64_MIN <= ignore <= _INT64_MAX
-    opts = topk_launch_config(vocab, k, device.type == "cpu")
-    for name, value in (("BLOCK_V", block_v), ("BLOCK_K", block_k)):
-        if value is not None:
-            if value < 2 or value & (value - 1):
-                raise ValueError(f"{name.lower()} must be a power of two >= 2, got {value}")
-            opts[name] = int(value)
-    if num_warps is not None:
-        opts["num_warps"] = int(num_warps)
-
+    hard, smooth, has_ignore, ignore = _hard_config(cfg, target)
+    opts = _override(topk_launch_config(vocab, k, device.type == "cpu"), num_warps,
+                     block_v=block_v, block_k=block_k)
     args = (
         student, student.stride(0), indices, logprobs, sorted_idx,
         target if target is not None else row_loss, row_loss,
         grad if grad is not None else student, scale if scale is not None else row_loss, flags,
-        vocab, k, ignore if has_ignore else 0, 1.0 / cfg.temperature, float(beta),
+        vocab, k, ignore, 1.0 / cfg.temperature, float(beta),
         float(cfg.soft_factor), float(cfg.hard_weight), float(cfg.label_smoothing),
     )
     meta = dict(DIV=int(div), HAS_TARGET=target is not None, HAS_IGNORE=has_ignore, HARD=hard,
                 SMOOTH=smooth, NEED_GRAD=bool(need_grad), HAS_SCALE=scale is not None, **opts)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            launch(_logit_topk_kernel, (rows,), *args, **meta)
-    else:
-        launch(_logit_topk_kernel, (rows,), *args, **meta)
+    _launch_rows(_logit_topk_kernel, device, rows, args, meta)
     return row_loss, grad, flags
