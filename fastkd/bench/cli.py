@@ -62,7 +62,7 @@ def _add_selection_args(parser: argparse.ArgumentParser) -> None:
                         "device, e.g. float32 on CPU; bfloat16,float32 for logit KD on CUDA)")
     p.add_argument("--sizes", choices=("demo", "quick", "full"), default="quick",
                    help="demo (one config per suite, two for relation: `--suite all --sizes "
-                        "demo` shows every loss family in under 2 minutes on 2 CPU cores), "
+                        "demo` shows every loss family in about 2 minutes on 2 CPU cores), "
                         "quick (two or more "
                         "configs per suite, a few minutes) or full (the sizes of "
                         "docs/BENCHMARKING.md; meant for a GPU)")
