@@ -194,7 +194,7 @@ def _md(res):
               "Listed ratio = approx / exact total probability of the k listed entries: every "
               "listed probability is off by this factor (their relative weights are exact), so "
               "it is what the student's gradient on the listed entries sees.", ""]
-    for title, exps in (("s in {1.0, 1.1, 1.3} (the issue's Zipf-like teachers)",
+    for title, exps in (("s in {1.0, 1.1, 1.3} (Zipf-like teachers)",
                          [x for x in cfg["exponents"] if x < 2]),
                         ("s = 2.0 (peaked, closer to an LLM's next-token distribution)",
                          [x for x in cfg["exponents"] if x >= 2])):

@@ -197,6 +197,31 @@ def _logit_launches(rec):
                             scale = _meta((1,), torch.float32)
                             lk.logit_kd_forward(s, ts, y, [1.0 / nt] * nt, cfg, scale, True,
                                                 [tgrad] * nt)
+    _logit_topk_launches(rec, grid)
+
+
+def _logit_topk_launches(rec, grid, k=64):
+    """The sparse top-k teacher's kernel: logprobs in float32 (a TopKTeacher's re-tempered
+    values) and, for bf16 students, as stored in bf16 caches."""
+    from fastkd.bench import suite_logit
+    from fastkd.logit import triton_kernel as lk
+    from fastkd.logit.config import LogitKDConfig
+    for dname in ("float32", "bfloat16", "float16"):
+        dt = _DTYPES[dname]
+        lp_dtypes = (torch.float32, torch.bfloat16) if dname == "bfloat16" else (torch.float32,)
+        for lp_dt in lp_dtypes:
+            for div in LOGIT_DIVERGENCES:
+                for hard in (True, False):
+                    cfg = LogitKDConfig(temperature=suite_logit.TEMPERATURE,
+                                        hard_weight=1.0 if hard else 0.0, divergence=div,
+                                        beta=suite_logit.BETA)
+                    for n, v in grid:
+                        rec.label = (f"logit topk {dname} logprobs {str(lp_dt)[6:]} {div} "
+                                     f"k={k}{' hard' if hard else ''}")
+                        lk.logit_topk_forward(_meta((n, v), dt), _meta((n, k), torch.int64),
+                                              _meta((n, k), lp_dt),
+                                              _meta((n,), torch.int64) if hard else None, cfg,
+                                              _meta((1,), torch.float32), True)
 
 
 # Feature KD dtype cases: (label, feature dtype, adapter weight dtype, float32 matmul precision).

@@ -6,78 +6,29 @@
 // three sweeps with at::vec::Vectorized<float>: statistics, the row sums the gradient needs, and
 // the gradient. The row stays in L2 between sweeps, so only the inputs and the gradient touch DRAM.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "cpu/vec_rows.h"
 #include "fastkd/logit_kd.h"
 
 namespace fastkd {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Sums are accumulated in float lanes over blocks of this many elements, then in double, so the
-// error does not grow with V (V reaches 262,144).
-constexpr int64_t kSumBlock = 1024;
-
-// Load `n` elements of a row of type T into float32 `dst`, padding up to `padded` with -inf.
-template <typename T>
-void load_row(const T* src, int64_t n, int64_t padded, float* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-  std::fill(dst + n, dst + padded, kNegInf);
-}
-
-template <typename T>
-void store_row(const float* src, int64_t n, T* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-template <typename T>
-void zero_row(T* dst, int64_t n) {
-  std::fill(dst, dst + n, T(0.f));
-}
-
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-inline float hmax(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
-}
-
-// Blocked vector sum: f(offset) returns the Vec of terms at `offset`; NaN propagates.
-template <int K, typename F>
-void block_sums(int64_t padded, F f, double (&out)[K]) {
-  for (int k = 0; k < K; ++k) out[k] = 0.0;
-  for (int64_t b = 0; b < padded; b += kSumBlock) {
-    Vec acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = Vec(0.f);
-    const int64_t e = std::min(padded, b + kSumBlock);
-    for (int64_t v = b; v < e; v += kW) f(v, acc);
-    for (int k = 0; k < K; ++k) out[k] += hsum(acc[k]);
-  }
-}
-
-float row_max(const float* x, int64_t padded) {
-  Vec m(kNegInf);
-  for (int64_t v = 0; v < padded; v += kW) m = at::vec::maximum(m, Vec::loadu(x + v));
-  return hmax(m);
-}
+using cpu::block_sums;
+using cpu::hmax;
+using cpu::hsum;
+using cpu::kNegInf;
+using cpu::kSumBlock;
+using cpu::kW;
+using cpu::load_row;
+using cpu::row_max;
+using cpu::store_row;
+using cpu::Vec;
+using cpu::zero_row;
 
 // First index where x == m (m is the row max, finite), by a vectorised early-exit scan.
 int64_t row_argmax(const float* x, int64_t padded, float m) {
@@ -107,9 +58,7 @@ double row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, flo
   return std::log1p(s[0] + (s[1] - 1.0));
 }
 
-inline Vec sel(const Vec& mask, const Vec& a) {  // mask ? a : 0
-  return Vec::blendv(Vec(0.f), a, mask);
-}
+using cpu::sel;
 
 struct Scratch {
   std::vector<float> s, g, lp, es, et, e1;  // rows; exp caches of s/T, t/T (one teacher), s
@@ -611,15 +560,8 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
     for (int i = 0; i < nt; ++i)
       if (gt_out[i]) zero_row(gt_out[i], V);
   };
-  int64_t y = -1;
-  if (p.target) {
-    y = p.target[r];
-    if (y == p.ignore_index) return zero_outputs();
-    if (y < 0 || y >= V) {
-      *flags |= kFlagTargetOutOfRange;
-      return zero_outputs();
-    }
-  }
+  int64_t y;
+  if (!cpu::counted_row(p.target, p.ignore_index, V, r, flags, y)) return zero_outputs();
   const bool hard = p.target && p.hard_weight != 0.f;
 
   RowStats st;

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from fastkd import _checks, _custom_op
+from fastkd import _checks, _custom_op, _ext
 from fastkd._dtypes import work_dtype
 from fastkd._reduce import mean_count, reduce_rows
 from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, raise_flags, unit_stride
@@ -226,9 +226,18 @@ def _triton_topk(student, indices, logprobs, target, cfg, grad_scale, need):
                                             need)
 
 
+def _cpu_topk(student, indices, logprobs, target, cfg, grad_scale, need):
+    div, beta = cfg.kernel_divergence
+    return _ext._C.logit_topk_forward(student, indices, logprobs, target, cfg.ignore_index,
+                                      cfg.temperature, div, beta, cfg.soft_factor,
+                                      cfg.hard_weight, cfg.label_smoothing, grad_scale, need)
+
+
 #: Backends with a fused top-k kernel (one pass over the student row, loss and gradient in one
 #: launch); the others run :func:`topk_rows_and_grad` (chunks of PyTorch ops).
 FUSED_KERNELS = {"triton": _triton_topk}
+if _ext._C is not None and hasattr(_ext._C, "logit_topk_forward"):
+    FUSED_KERNELS["cpu"] = _cpu_topk
 
 
 TOPK_SCHEMA = (f"(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
