@@ -21,7 +21,35 @@ from fastkd.relation import ops as _relation
 from fastkd.relation.gather import gather_features
 
 
-class SPLoss(torch.nn.Module):
+class _RelationLoss(torch.nn.Module):
+    """What the three relation modules share: ``reduction``, ``backend`` and ``gather``, the
+    gathering of the global batch in forward, and ``extra_repr``. A subclass names its
+    functional (``_loss``) and its own options (``_options``)."""
+
+    _options: tuple = ()
+
+    def __init__(self, reduction, backend, gather):
+        super().__init__()
+        self.reduction = _relation.check_relation_reduction(reduction)
+        self.backend = _backend.check_backend_name(backend)
+        self.gather = gather
+
+    def _loss(self, student_features, teacher_features, **kwargs):
+        raise NotImplementedError
+
+    def forward(self, student_features, teacher_features):
+        student_features, teacher_features = gather_features(
+            student_features, teacher_features, self.gather)
+        options = {name: getattr(self, name) for name in self._options}
+        return self._loss(student_features, teacher_features, reduction=self.reduction,
+                          backend=self.backend, **options)
+
+    def extra_repr(self) -> str:
+        names = self._options + ("reduction", "backend", "gather")
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+
+
+class SPLoss(_RelationLoss):
     r"""Similarity-preserving knowledge distillation (Tung & Mori, ICCV 2019).
 
     With row-flattened features :math:`e` of each side, :math:`G = e e^\top` (``[B, B]``) and
@@ -57,22 +85,13 @@ class SPLoss(torch.nn.Module):
     """
 
     def __init__(self, reduction="mean", backend="auto", gather=False):
-        super().__init__()
-        self.reduction = _relation.check_relation_reduction(reduction)
-        self.backend = _backend.check_backend_name(backend)
-        self.gather = gather
+        super().__init__(reduction, backend, gather)
 
-    def forward(self, student_features, teacher_features):
-        student_features, teacher_features = gather_features(
-            student_features, teacher_features, self.gather)
-        return _relation.sp_loss(student_features, teacher_features, reduction=self.reduction,
-                                 backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}, gather={self.gather!r}"
+    def _loss(self, student_features, teacher_features, **kwargs):
+        return _relation.sp_loss(student_features, teacher_features, **kwargs)
 
 
-class RKDLoss(torch.nn.Module):
+class RKDLoss(_RelationLoss):
     r"""Relational knowledge distillation (Park et al., CVPR 2019): distance and angle terms.
 
     With :math:`d_{ij} = \sqrt{\max(\|e_i\|^2 + \|e_j\|^2 - 2 e_i\cdot e_j,\ 10^{-12})}` for
@@ -122,31 +141,21 @@ class RKDLoss(torch.nn.Module):
         - Output: scalar (float32).
     """
 
+    _options = ("distance_weight", "angle_weight")
+
     def __init__(self, distance_weight=1.0, angle_weight=2.0, reduction="mean", backend="auto",
                  gather=False):
-        super().__init__()
+        super().__init__(reduction, backend, gather)
         self.distance_weight = _checks.check_finite_number("distance_weight", distance_weight,
                                                            nonnegative=True)
         self.angle_weight = _checks.check_finite_number("angle_weight", angle_weight,
                                                         nonnegative=True)
-        self.reduction = _relation.check_relation_reduction(reduction)
-        self.backend = _backend.check_backend_name(backend)
-        self.gather = gather
 
-    def forward(self, student_features, teacher_features):
-        student_features, teacher_features = gather_features(
-            student_features, teacher_features, self.gather)
-        return _relation.rkd_loss(student_features, teacher_features,
-                                  distance_weight=self.distance_weight,
-                                  angle_weight=self.angle_weight, reduction=self.reduction,
-                                  backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}, gather={self.gather!r}")
+    def _loss(self, student_features, teacher_features, **kwargs):
+        return _relation.rkd_loss(student_features, teacher_features, **kwargs)
 
 
-class PKTLoss(torch.nn.Module):
+class PKTLoss(_RelationLoss):
     r"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018).
 
     Per side, :math:`\hat e_i = e_i / (\|e_i\| + \epsilon)`,
@@ -181,19 +190,11 @@ class PKTLoss(torch.nn.Module):
         - Output: scalar (float32).
     """
 
+    _options = ("eps",)
+
     def __init__(self, eps=1e-7, reduction="mean", backend="auto", gather=False):
-        super().__init__()
+        super().__init__(reduction, backend, gather)
         self.eps = _checks.check_finite_number("eps", eps, positive=True)
-        self.reduction = _relation.check_relation_reduction(reduction)
-        self.backend = _backend.check_backend_name(backend)
-        self.gather = gather
 
-    def forward(self, student_features, teacher_features):
-        student_features, teacher_features = gather_features(
-            student_features, teacher_features, self.gather)
-        return _relation.pkt_loss(student_features, teacher_features, eps=self.eps,
-                                  reduction=self.reduction, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"eps={self.eps}, reduction={self.reduction!r}, backend={self.backend!r}, "
-                f"gather={self.gather!r}")
+    def _loss(self, student_features, teacher_features, **kwargs):
+        return _relation.pkt_loss(student_features, teacher_features, **kwargs)
