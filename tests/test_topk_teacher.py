@@ -500,3 +500,28 @@ def test_num_items_in_batch_errors():
         fastkd.KDLoss()(s, t, y, num_items_in_batch=float("nan"))
     with pytest.raises(ValueError, match="num_items_in_batch"):
         fastkd.KDLoss()(s, t, y, num_items_in_batch=-1)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_topk_all_rows_ignored_is_zero(backend):
+    """Every row ignored: loss 0 with a zero gradient (no NaN from 0 / 0), on every backend,
+    through KDLoss and FusedLinearKDLoss, with a TopKTeacher taken at another temperature."""
+    import fastkd
+    if not fastkd.available_backends()[backend]["available"]:
+        pytest.skip(f"{backend} is not available here")
+    s, t, _ = _loss_inputs(n=6, v=30)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    s = s.to(dtype).requires_grad_(True)
+    lp, idx = torch.log_softmax(t, -1).topk(5)
+    teacher = TopKTeacher(idx, lp.to(torch.bfloat16), temperature=1.0)
+    y = torch.full((6,), -100)
+    loss = fastkd.KDLoss(temperature=3.0, hard_weight=1.0, backend=backend)(
+        s, None, y, teacher_topk=teacher)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(s.grad) == 0
+    hs = torch.randn(6, 4, dtype=dtype, requires_grad=True)
+    w = torch.randn(30, 4, dtype=dtype)
+    loss = fastkd.FusedLinearKDLoss(temperature=3.0, hard_weight=1.0, backend=backend)(
+        hs, w, target=y, teacher_topk=teacher)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(hs.grad) == 0
