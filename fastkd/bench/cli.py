@@ -52,8 +52,9 @@ def _add_selection_args(parser: argparse.ArgumentParser) -> None:
     """What runs: suites, sizes, device, dtypes, backends, contenders, divergences."""
     p = parser.add_argument_group("what runs")
     p.add_argument("--suite", default="logit",
-                   help="logit | fused-linear | feature | relation | all, or a comma list "
-                        "(default: logit; scripts/bench.sh runs all; suites whose fastkd "
+                   help="logit | fused-linear | feature | relation | topk | all, or a comma "
+                        "list (default: logit; all = every suite but topk, what "
+                        "scripts/bench.sh runs; suites whose fastkd "
                         "class is missing are skipped with a line saying so)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu")
@@ -112,8 +113,9 @@ def _resolve_args(args: argparse.Namespace) -> None:
         raise ValueError("--repeats must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
+    # every registered suite can be named; `all` is SUITE_ORDER (topk runs only when named)
     args.suites = (list(SUITE_ORDER) if args.suite == "all" else
-                   _known(args.suite, SUITE_ORDER, "suite", " or all"))
+                   _known(args.suite, tuple(core.SUITE_MODULES), "suite", " or all"))
     args.dtypes = [core.parse_dtype(d) for d in _csv(args.dtype)] if args.dtype else None
     args.kinds = _known(args.contenders, core.KINDS, "contender kind")
     args.divergences = _known(args.divergence, DIVERGENCES, "divergence") if args.divergence \
@@ -352,6 +354,8 @@ def _run_suite(p: SuitePlan, run: _Run) -> None:
         floor = run.rates.floor(p.suite.floor_work(cfg), cfg.dtype)
         results = _run_config(p.suite, cfg, p.contenders, run)
         core.add_ratios(results, floor)
+        if hasattr(p.suite, "annotate"):  # suite-specific ratios (topk: top-k / dense time)
+            p.suite.annotate(cfg, results)
         _check_losses(results, cfg.dtype, run.write)
         entries.append({"config": cfg.to_dict(), "floor": floor, "results": results})
         run.write(report.config_table(cfg, floor, results))

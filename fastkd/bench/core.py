@@ -39,6 +39,7 @@ SUITE_MODULES = {
     "fused-linear": "fastkd.bench.suite_fused_linear",
     "feature": "fastkd.bench.suite_feature",
     "relation": "fastkd.bench.suite_relation",
+    "topk": "fastkd.bench.suite_topk",
 }
 KINDS = ("fastkd", "stock", "compile", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
