@@ -123,8 +123,8 @@ def markdown(doc: dict, png_name: str | None) -> str:
         if suite.get("status") == "skipped":
             lines.append(f"Skipped: {suite.get('reason')}")
             continue
-        for note in suite.get("notes") or []:
-            lines.append(f"- {note}")
+        notes = suite.get("notes") or []
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
         lines.append("| config | contender | fwd ms | fwd+bwd ms | peak MiB | vs stock | "
                      "vs compile | vs liger | x floor | mem / stock | note |")
         lines.append("|" + "---|" * 11)
