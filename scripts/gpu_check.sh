@@ -15,7 +15,7 @@
 #                GPU, each case's kernels checked with the profiler
 #     large      KDLoss with N * V > 2^31 (N = 32768, V = 128256, bf16) vs chunked float32 torch
 #  3. bench      python -m fastkd.bench --device cuda --sizes full, one suite at a time (logit,
-#                fused-linear, feature, relation) into one results file, each suite with a share
+#                fused-linear, feature, relation, topk) into one results file, each suite with a share
 #                of the time left; a suite stopped by its timeout keeps what it measured
 #
 # Everything fits FASTKD_GPU_CHECK_BUDGET seconds of wall time (default 480: 8 minutes); a step
@@ -69,8 +69,8 @@ DEADLINE=$((START + BUDGET))
 declare -A CAP=([build]=200 [gpu-tests]=170 [memcheck]=170 [racecheck]=170 [synccheck]=170
                 [mixed]=120 [large]=150)
 PARALLEL=(gpu-tests memcheck racecheck synccheck mixed large)
-BENCH_SUITES=(logit fused-linear feature relation)
-declare -A BENCH_WEIGHT=([logit]=4 [fused-linear]=3 [feature]=2 [relation]=2)
+BENCH_SUITES=(logit fused-linear feature relation topk)
+declare -A BENCH_WEIGHT=([logit]=4 [fused-linear]=3 [feature]=2 [relation]=2 [topk]=2)
 BENCH_MIN="${FASTKD_GPU_CHECK_BENCH_MIN:-20}"  # a bench suite with less time is skipped
 KILL_GRACE=20     # seconds between the timeout's SIGINT and SIGKILL (bench saves on SIGINT)
 OUT_FILES=(gpu-check-summary.md gpu-check-summary.json gpu-check.log bench.json bench.md

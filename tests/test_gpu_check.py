@@ -16,7 +16,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 STEPS = ["build", "gpu-tests", "memcheck", "racecheck", "synccheck", "mixed", "large",
-         "bench-logit", "bench-fused-linear", "bench-feature", "bench-relation"]
+         "bench-logit", "bench-fused-linear", "bench-feature", "bench-relation", "bench-topk"]
 PARALLEL = {"gpu-tests", "memcheck", "racecheck", "synccheck", "mixed", "large"}
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -125,7 +125,7 @@ def test_stubbed_run_times_out_hung_steps_and_reports_each(tmp_path):
         assert f"===== {s}:" in log, s
     assert sorted(os.listdir(out)) == sorted(_plan(r.stdout)[1])
     with open(out / "bench.json") as f:  # every suite ran, merged into one results file
-        assert f.read().split() == ["logit", "fused-linear", "feature", "relation"]
+        assert f.read().split() == ["logit", "fused-linear", "feature", "relation", "topk"]
 
 
 def test_stubbed_run_passes_when_every_step_passes_and_rejects_stray_files(tmp_path):
@@ -149,7 +149,8 @@ def test_bench_suite_over_its_share_keeps_partial_results(tmp_path):
                                     "FASTKD_GPU_CHECK_BENCH_MIN": "1"})
     rows = _summary_rows(tmp_path / "out")
     assert rows["bench-logit"][1] == "partial (time share)"
-    assert all(rows[f"bench-{s}"][1] == "pass" for s in ("fused-linear", "feature", "relation"))
+    assert all(rows[f"bench-{s}"][1] == "pass"
+               for s in ("fused-linear", "feature", "relation", "topk"))
     assert r.returncode == 0, r.stdout + r.stderr  # a time-share cut is not a failure
 
 
