@@ -404,7 +404,9 @@ struct RowKD {
   static constexpr int kNT = Tr::kNT;
   static constexpr int N = Tr::kVec;
   static constexpr int kRedK = Tr::kRedK;
-  static constexpr int kAccN = 3 + kNT;  // per-thread sweep sums, see unit()
+  static constexpr int kSumN = 3 + kNT;   // per-thread sweep sums that are reduced, see unit()
+  static constexpr int kXd = kSumN;       // then rkl's dominant-entry log-ratio
+  static constexpr int kAccN = kSumN + 1;
   // Several teachers: per-teacher row state that every thread reads (pointers, weight, statistics,
   // gradient factors) is a table in shared memory after the reduction scratch, written by thread 0
   // between barriers. Loops over the teachers that only read it run over the run-time count; the
@@ -441,9 +443,10 @@ struct RowKD {
   bool hard = false;
 
   // Row sums (natural-log units) and gradient coefficients.
-  float dsum = 0.f, x1 = 0.f;  // D, and Kq (jsd) or sum_u q_u h_u (tvd)
+  float dsum = 0.f;  // rkl: sum_u q_u (x_u - x*) (see finish_sums); else D
+  float x1 = 0.f;    // jsd: Kq; tvd: sum_u q_u h_u; rkl: x* (base 2)
   bool want_gs = false, any_gt = false;
-  float cs = 0.f, a1 = 0.f, b1 = 0.f, c1 = 0.f;
+  float cs = 0.f, b1 = 0.f, c1 = 0.f;
 
   // Per teacher: in registers for one teacher, in the shared table (tab_*) for several.
   struct Teacher {
@@ -731,9 +734,11 @@ struct RowKD {
 
   // ---- passes 2 and 3 ----
   // Sweep sums, per thread, acc:
-  //   [0] kl / rkl: sum p (Lp - Lq) / sum q (Lq - Lp); jsd: Kp; tvd: sum |p - q|
-  //   [1] jsd: Kq; tvd: sum q h     [2] CE smoothing: sum over s != -inf of -Lq1
-  //   [3 + i] S_i (teacher i)
+  //   [0] kl: sum p (Lp - Lq); rkl: sum q (Lq - Lp) but the entry at kXd; jsd: Kp;
+  //       tvd: sum |p - q|
+  //   [1] jsd: Kq; tvd: sum q h; rkl: sum q but the entry at kXd
+  //   [2] CE smoothing: sum over s != -inf of -Lq1     [3 + i] S_i (teacher i)
+  //   [kXd] rkl: Lq - Lp at the first entry of the thread where s is the row max (-inf: none)
   // Base-2 logs in [0..2], natural units in [3 + i]. Every term multiplied by a probability is selected
   // to exactly 0 where that probability is 0 (never 0 * inf); the test is == 0 so that a NaN
   // probability still reaches the sums.
@@ -844,9 +849,21 @@ struct RowKD {
         dda = q[e] - p;
         gv[e] = kLn2 * diff;
       } else if constexpr (D == Divergence::ReverseKL) {
+        // dD/da_v = q_v (x_v - sum_u q_u x_u), x = Lq - Lp, taken as q_v ((x_v - x*) - sum_u q_u
+        // (x_u - x*)) with x* = x at a dominant entry (s = row max), which is exact algebra
+        // (sum q = 1): in a confident row the dominant x_v nearly equals the sum, and their
+        // difference would be float32 noise of size |x|. Dominant entries stay out of acc[0..1]
+        // (finish_sums adds them with the shift); at the one that gives x*, x_v - x* is exactly 0.
         const float diff = lq[e] - lp[e];
-        if (kAcc) acc[0] += q[e] == 0.f ? 0.f : q[e] * diff;
-        dda = q[e] == 0.f ? 0.f : q[e] * fmaf(kLn2, diff, -dsum);
+        if (kAcc) {
+          if (xs[e] == ms && acc[kXd] == -INFINITY) {
+            acc[kXd] = diff;
+          } else if (q[e] != 0.f) {
+            acc[0] += q[e] * diff;
+            acc[1] += q[e];
+          }
+        }
+        dda = q[e] == 0.f ? 0.f : q[e] * fmaf(kLn2, diff - x1, -dsum);
       } else if constexpr (D == Divergence::JSD) {
         const float mm = fmaxf(lp[e], lq[e]);
         const float lm =
@@ -878,7 +895,10 @@ struct RowKD {
         float gce = 0.f;
         if (kHard) {
           const float q1 = C.same_t ? q[e] : ex2(lq1);
-          gce = a1 * q1 - (e == ey ? b1 : 0.f) - (xs[e] != -INFINITY ? c1 : 0.f);
+          // (1 - eps)(q1 - [v = y]) + (eps / V)(nf q1 - [s_v finite]): where a single finite
+          // entry has q1 = 1, both brackets are exactly 0.
+          gce = fmaf(b1, q1 - (e == ey ? 1.f : 0.f),
+                     c1 * fmaf(nf, q1, xs[e] != -INFINITY ? -1.f : 0.f));
         }
         og[e] = fmaf(cs, dda, gce);
       }
@@ -922,12 +942,30 @@ struct RowKD {
   // Reduces the sweep sums, sets dsum / x1 / S_i and returns the row loss.
   template <Divergence D>
   FKD_HD float finish_sums(float (&acc)[kAccN], float nll) {
-    float red[kAccN];  // acc[3 + i] is 0 for i >= nt
+    float red[kSumN];  // acc[3 + i] is 0 for i >= nt
     FKD_UNROLL
-    for (int k = 0; k < kAccN; ++k) red[k] = acc[k];
+    for (int k = 0; k < kSumN; ++k) red[k] = acc[k];
+    if constexpr (D == Divergence::ReverseKL) {
+      // red[0]: sum q x, the loss; red[1]: sum q (x - x*), with x* the largest of the threads'
+      // dominant x (the row max is reached, so some thread has one). Every dominant entry has
+      // q = 2^-lzs. Only the student gradient reads red[1] and x*.
+      const float xd = acc[kXd];
+      const float qd = xd == -INFINITY ? 0.f : ex2(-lzs);
+      float xm[1] = {0.f};
+      if (want_gs) {
+        xm[0] = xd;
+        group_allreduce<OpMax, kRedK>(g, xm);
+      }
+      x1 = xm[0];
+      red[0] = acc[0] + (qd == 0.f ? 0.f : qd * xd);
+      red[1] = (acc[1] == 0.f ? acc[0] : fmaf(-acc[1], x1, acc[0])) +
+               (qd == 0.f ? 0.f : qd * (xd - x1));
+    }
     group_allreduce<OpSum, kRedK>(g, red);
-    if constexpr (D == Divergence::KL || D == Divergence::ReverseKL) {
+    if constexpr (D == Divergence::KL) {
       dsum = kLn2 * red[0];
+    } else if constexpr (D == Divergence::ReverseKL) {
+      dsum = kLn2 * red[1];
     } else if constexpr (D == Divergence::JSD) {
       const float kp = kLn2 * red[0];
       x1 = kLn2 * red[1];
@@ -946,7 +984,7 @@ struct RowKD {
       }
       g.sync();
     }
-    float loss = P.soft_factor * dsum;
+    float loss = P.soft_factor * (D == Divergence::ReverseKL ? kLn2 * red[0] : dsum);
     if (hard) {
       const float ce = C.eps == 0.f ? nll
                                     : fmaf(1.f - C.eps, nll, C.eps_over_v * (kLn2 * red[2]));
@@ -959,7 +997,8 @@ struct RowKD {
   FKD_HD void sweeps(int64_t row, float nll) {
     float acc[kAccN];
     FKD_UNROLL
-    for (int k = 0; k < kAccN; ++k) acc[k] = 0.f;
+    for (int k = 0; k < kSumN; ++k) acc[k] = 0.f;
+    acc[kXd] = -INFINITY;
     float loss;
     if (D == Divergence::KL && want_gs && !any_gt) {
       // The common case: the student gradient q - p needs no row sum.
@@ -1058,7 +1097,6 @@ struct RowKD {
     cs = C.sf_over_t * gscale;
     if (hard) {
       const float hw = C.hard_weight * gscale;
-      a1 = hw * (1.f - C.eps + C.eps_over_v * nf);
       b1 = hw * (1.f - C.eps);
       c1 = hw * C.eps_over_v;
     }
