@@ -2,9 +2,9 @@
 
 ``fastkd.KDLoss(temperature=T, hard_weight=1.0)(s, None, y, teacher_topk=(indices, logprobs))``
 against the stock code a competent PyTorch user writes for a top-k teacher with a residual bucket
-(:func:`stock_topk_kd`), that code under ``torch.compile``, and, as the reference point the issue
-asks for, the same ``KDLoss`` with a dense teacher ``t`` [N, V] on the same fastkd backend
-(``fastkd[<backend> dense]``). Liger-Kernel has no top-k teacher loss.
+(:func:`stock_topk_kd`), that code under ``torch.compile``, and, as the reference point (what a
+sparse teacher should cost next to a dense one), the same ``KDLoss`` with a dense teacher ``t``
+[N, V] on the same fastkd backend (``fastkd[<backend> dense]``). Liger-Kernel has no top-k teacher loss.
 
 The dense teacher is the full distribution the top-k teacher describes: the listed entries keep
 their log-probabilities and the residual mass is spread over the unlisted entries in proportion to
@@ -29,7 +29,7 @@ TEMPERATURE = 2.0
 TOPK_ELEM_BYTES = 8 + 4  # int64 index + float32 log-probability per listed entry
 KS = (8, 64, 256)
 
-# (N, V, k) grids; dtypes. The CPU quick grid is the issue's config: N=512, V=32000, fp32.
+# (N, V, k) grids; dtypes. The CPU quick grid is the headline CPU config: N=512, V=32000, fp32.
 SIZES = {
     ("cpu", "demo"): ([(256, 32000, 64)], ["float32"]),
     ("cpu", "quick"): ([(512, 32000, k) for k in KS], ["float32"]),
@@ -191,7 +191,7 @@ class TopKSuite(core.Suite):
         return out
 
     def annotate(self, cfg, results) -> None:
-        """Top-k time / dense time on the same backend (the issue's ratio), into each fastkd
+        """Top-k time / dense time on the same backend, into each fastkd
         top-k row's ``ratios`` (``topk_vs_dense_{fwd,fwd_bwd}``) and note."""
         rows = {r["contender"]: r for r in results}
         for r in results:
