@@ -45,6 +45,10 @@ def validate_topk(teacher_topk, student_logits, temperature, check_data=True):
             raise ValueError(f"teacher_topk has k = {teacher_topk.k} entries per row; need "
                              f"1 <= k <= V = {vocab}")
         teacher_topk = resolve_teacher_topk(teacher_topk, vocab, temperature)
+    if isinstance(teacher_topk, (tuple, list)) and any(
+            isinstance(x, (TopKTeacher, tuple, list)) for x in teacher_topk):
+        raise ValueError("teacher_topk takes one top-k teacher; a list of several top-k "
+                         "teachers is not supported (mix dense teachers with teacher_logits=[...])")
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors or a "
                         "fastkd.TopKTeacher")
