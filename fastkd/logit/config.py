@@ -55,7 +55,8 @@ class LogitKDConfig:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if not -2**63 <= ignore_index < 2**63:
-            raise ValueError(f"ignore_index must fit in int64 (the target dtype), got {ignore_index}")
+            raise ValueError(f"ignore_index must fit in int64 (the target dtype), got "
+                             f"{ignore_index}")
         self.ignore_index = ignore_index
         self.label_smoothing = _checks.check_finite_number("label_smoothing", label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -135,7 +136,8 @@ def validate_inputs(student_logits, teacher_logits, target):
             raise TypeError(f"target must be a torch.Tensor of class indices, got "
                             f"{type(target).__name__}")
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
+            raise TypeError(f"target must be an integer tensor of class indices, got "
+                            f"{target.dtype}")
         if target.shape != lead:
             raise ValueError(f"target has shape {tuple(target.shape)} but must equal the leading "
                              f"shape of student_logits {tuple(lead)}")
@@ -163,7 +165,8 @@ def raise_flags(flags: int, ignore_index: int, vocab: int, many: bool) -> None:
         raise ValueError(f"target has values outside [0, {vocab}) other than "
                          f"ignore_index={ignore_index}")
     if flags & FLAG_STUDENT_MASKED:
-        raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary entry left)")
+        raise ValueError("student_logits has a row that is -inf everywhere (no vocabulary entry "
+                         "left)")
     if flags & FLAG_TEACHER_MASKED:
         name = "teacher_logits[i]" if many else "teacher_logits"
         raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")

@@ -435,8 +435,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                          "be teacher_hidden/teacher_weight or teacher_logits whose local "
                          "vocabulary shard has the student's width (got "
                          f"{'teacher_topk' if kind == 'topk' else f'{vocab_t} vs {vocab_s}'})")
-    name = _backend.select_backend(backend, device, [x.dtype for x in (hs, ht, tl) if x is not None],
-                                   what="inputs")
+    dtypes = [x.dtype for x in (hs, ht, tl) if x is not None]
+    name = _backend.select_backend(backend, device, dtypes, what="inputs")
     if name == "reference" and not parallel:
         if kind == "topk":
             _topk.check_topk_data(idx, lp, vocab)

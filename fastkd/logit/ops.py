@@ -50,7 +50,7 @@ def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, bac
     return topk.kd_loss_topk(student, teacher_topk, target, cfg, name, num_items)
 
 
-# The fused kernels behind one torch.library custom op (the pattern is described in fastkd/_custom_op.py).
+# The fused kernels behind one torch.library custom op (the pattern: fastkd/_custom_op.py).
 LOGIT_KD_SCHEMA = (
     f"(Tensor student, Tensor[] teachers, Tensor? target, float[] weights, {CONFIG_SCHEMA}, "
     f"bool need_grad_student, bool[] need_grad_teachers, str backend, "
@@ -68,10 +68,11 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
     ``student`` ``[N, V]``, ``teachers`` ``[N, V]`` each in one dtype, ``target`` ``[N]`` int64
     or None; the configuration as validated by :class:`LogitKDConfig` (``reduction`` without the
     alias); ``num_items``: the float32 denominator of ``"mean"`` (SPEC §1e), or None for this
-    call's count of rows. Returns ``(loss, grad_student, grad_teachers)``: the float32 loss (a scalar, or ``[N]``
-    row losses with ``"none"``) and its gradients (each ``[N, V]`` in its input's dtype, or a
-    ``[0]`` placeholder where ``need_grad_*`` is false). Raises the data-dependent errors of SPEC
-    §Errors (target out of range, a row that is -inf everywhere) from the kernel's flags.
+    call's count of rows. Returns ``(loss, grad_student, grad_teachers)``: the float32 loss (a
+    scalar, or ``[N]`` row losses with ``"none"``) and its gradients (each ``[N, V]`` in its
+    input's dtype, or a ``[0]`` placeholder where ``need_grad_*`` is false). Raises the
+    data-dependent errors of SPEC §Errors (target out of range, a row that is -inf everywhere)
+    from the kernel's flags.
     """
     cfg = LogitKDConfig.from_args((temperature, soft_weight, hard_weight, divergence, beta,
                                    t2_scale, ignore_index, label_smoothing, reduction))
