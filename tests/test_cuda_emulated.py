@@ -205,18 +205,11 @@ def test_logit_errors_flagged(on_device):
 
 # ----------------------------------------------------------------------------------------- feature
 
-def _feature_dtypes():
-    reason = ("emulated glue: with the CUDA epilogue the chunked algorithm (csrc/tiled/"
-              "feature_chunks.h) keeps the adapter GEMM operands in the half dtype and mm_f32 "
-              "calls at::mm_out(..., at::kFloat) (aten::mm.dtype_out), which torch implements for "
-              "CUDA only, so on CPU tensors the forward raises before the kernel runs")
-    return [torch.float32] + [
-        pytest.param(d, marks=pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                                                reason=reason))
-        for d in (torch.bfloat16, torch.float16)]
+FEATURE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
-@pytest.mark.parametrize("dtype", _feature_dtypes(), ids=str)
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=str)
 def test_feature_rows_match_reference(on_device, loss, dtype):
     """[N, C] features (rows kernel: one warp per row) with channel and row counts off 32."""
     for n, ds, dt, reduction in [(37, 13, 45, "mean"), (5, 65, 33, "sum"), (9, 7, 70, "none")]:
@@ -226,7 +219,7 @@ def test_feature_rows_match_reference(on_device, loss, dtype):
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine"])
-@pytest.mark.parametrize("dtype", _feature_dtypes(), ids=str)
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES, ids=str)
 def test_feature_maps_match_reference(on_device, loss, dtype):
     """NCHW maps read in place (columns kernel: 32 positions x 8 channel splits per block) with
     a position tail (35 = 32 + 3) and a chunk that splits an image."""

@@ -6,6 +6,20 @@
 
 namespace fastkd::glue {
 
+// The KD configuration of a logit kernel's parameter struct.
+template <typename Params>
+void set_config(Params& p, int64_t ignore_index, double temperature, int64_t divergence,
+                double beta, double soft_factor, double hard_weight, double label_smoothing) {
+  TORCH_CHECK(divergence >= 0 && divergence <= 3, "divergence id out of range");
+  p.ignore_index = ignore_index;
+  p.temperature = static_cast<float>(temperature);
+  p.divergence = static_cast<Divergence>(divergence);
+  p.beta = static_cast<float>(beta);
+  p.soft_factor = static_cast<float>(soft_factor);
+  p.hard_weight = static_cast<float>(hard_weight);
+  p.label_smoothing = static_cast<float>(label_smoothing);
+}
+
 // The per-row outputs every logit kernel writes: row losses (float32), the error flags, the
 // gradient scale and the student gradient (student dtype), allocated and pointed to by `p`.
 struct RowOutputs {
@@ -74,14 +88,8 @@ logit_kd_forward(const at::Tensor& student, const std::vector<at::Tensor>& teach
     TORCH_CHECK(tgt.device() == student.device(), "target must be on the student's device");
     p.target = tgt.data_ptr<int64_t>();
   }
-  p.ignore_index = ignore_index;
-  p.temperature = static_cast<float>(temperature);
-  TORCH_CHECK(divergence >= 0 && divergence <= 3, "divergence id out of range");
-  p.divergence = static_cast<Divergence>(divergence);
-  p.beta = static_cast<float>(beta);
-  p.soft_factor = static_cast<float>(soft_factor);
-  p.hard_weight = static_cast<float>(hard_weight);
-  p.label_smoothing = static_cast<float>(label_smoothing);
+  set_config(p, ignore_index, temperature, divergence, beta, soft_factor, hard_weight,
+             label_smoothing);
 
   const RowOutputs out(student, grad_scale, need_grad_student, p);
   const at::Tensor &row_loss = out.row_loss, &flags = out.flags;
@@ -132,7 +140,6 @@ logit_topk_forward(const at::Tensor& student, const at::Tensor& indices,
   TORCH_CHECK(logprobs.sizes() == indices.sizes(), "teacher_topk logprobs must be [N, k]");
   TORCH_CHECK(indices.device() == student.device() && logprobs.device() == student.device(),
               "teacher_topk must be on the student's device");
-  TORCH_CHECK(divergence >= 0 && divergence <= 3, "divergence id out of range");
   const at::Tensor idx = indices.contiguous();
   const at::Tensor lp = logprobs.to(at::kFloat).contiguous();
 
@@ -151,13 +158,8 @@ logit_topk_forward(const at::Tensor& student, const at::Tensor& indices,
     TORCH_CHECK(tgt.scalar_type() == at::kLong && tgt.numel() == rows, "target must be int64 [N]");
     p.target = tgt.data_ptr<int64_t>();
   }
-  p.ignore_index = ignore_index;
-  p.temperature = static_cast<float>(temperature);
-  p.divergence = static_cast<Divergence>(divergence);
-  p.beta = static_cast<float>(beta);
-  p.soft_factor = static_cast<float>(soft_factor);
-  p.hard_weight = static_cast<float>(hard_weight);
-  p.label_smoothing = static_cast<float>(label_smoothing);
+  set_config(p, ignore_index, temperature, divergence, beta, soft_factor, hard_weight,
+             label_smoothing);
 
   const RowOutputs out(student, grad_scale, need_grad_student, p);
   if (rows > 0) logit_topk_cpu(p);

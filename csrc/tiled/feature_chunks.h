@@ -41,8 +41,12 @@ inline int64_t auto_chunk_rows(int64_t teacher_dim, bool cuda) {
 inline void mm_f32(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
-  } else {
+  } else if (a.is_cuda()) {
     at::mm_out(out, a, b, at::kFloat);
+  } else {
+    // mm with a float32 result exists on CUDA only; on CPU tensors (the emulated CUDA route) the
+    // half operands are widened first, which gives the same exact products and float32 sums.
+    at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
   }
 }
 
