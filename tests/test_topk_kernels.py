@@ -194,3 +194,30 @@ def test_loss_only_ignored_rows_and_flags(forward):
     rows3, grad3, flags = forward(s, idx, lp, y, cfg, None, True)
     assert int(flags) == FLAG_TARGET | FLAG_STUDENT_MASKED
     assert (rows3.cpu()[:3] == 0).all() and (grad3.cpu()[:3] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_empty_slots(forward, divergence):
+    """Index -1 marks an empty slot (ragged rows, merged teachers): its logprob is not read
+    (NaN here), nothing is written for it, and the row equals the same row without the slot.
+    A row of empty slots only is all residual on both sides (D = 0, only the hard CE)."""
+    n, k = 4, 12
+    idx, lp = _teacher(n, 90, k, 2.0, seed=21, dtype=torch.float32)
+    lp = torch.log_softmax(lp, -1) + math.log(0.8)  # a residual of 0.2
+    holes = torch.rand(n, k, generator=torch.Generator().manual_seed(5)) < 0.3
+    holes[2] = True
+    idx = torch.where(holes, -1, idx)
+    lp = torch.where(holes, math.nan, lp)
+    s = _student(n, 90, seed=21)
+    y = torch.tensor([3, 5, 7, -100])
+    cfg = LogitKDConfig(temperature=2.0, divergence=divergence, beta=0.6, hard_weight=0.5)
+    rows, grad = _check(forward, s, idx, lp, y, cfg, what="holes", block_v=32, block_k=4)
+    for r in range(2):
+        keep = ~holes[r]
+        r_rows, r_grad, _ = forward(s[r:r + 1], idx[r:r + 1, keep], lp[r:r + 1, keep],
+                                    y[r:r + 1], cfg, None, True, block_v=32, block_k=4)
+        torch.testing.assert_close(rows[r:r + 1], r_rows.cpu(), rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(grad[r:r + 1], r_grad.cpu(), rtol=2e-5, atol=1e-7)
+    soft_only = LogitKDConfig(temperature=2.0, divergence=divergence, beta=0.6)
+    r_rows, r_grad, _ = forward(s[2:3], idx[2:3], lp[2:3], None, soft_only, None, True)
+    assert r_rows.item() == 0.0 and r_grad.abs().max().item() < 1e-7

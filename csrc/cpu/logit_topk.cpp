@@ -101,6 +101,10 @@ bool row_stats(const LogitTopKParams& p, int64_t r, bool hard, TopKScratch& w, T
   const bool sep_z1 = hard && p.temperature != 1.f;
   double listed_total = 0.0, listed_z1 = 0.0, listed_fin = 0.0, listed_fsum = 0.0;
   for (int64_t j = 0; j < k; ++j) {
+    if (idx[j] < 0) {  // an empty slot: Q_j = 0
+      w.s_list[j] = -kInf;
+      continue;
+    }
     const double s = z[idx[j]];
     w.s_list[j] = s;
     listed_total += std::exp((s - st.m) * inv_t);
@@ -145,9 +149,10 @@ double bucket_terms(const LogitTopKParams& p, int64_t r, const TopKStats& st, To
   const double inv_t = 1.0 / p.temperature;
   const double log_total = std::log(st.total);
   double listed_p = 0.0;
+  const int64_t* idx = p.indices + r * k;
   for (int64_t j = 0; j < k; ++j) {
-    w.logp[j] = lp[j];
-    listed_p += std::exp(static_cast<double>(lp[j]));
+    w.logp[j] = idx[j] < 0 ? -kInf : lp[j];  // an empty slot's logprob is not read
+    listed_p += std::exp(w.logp[j]);
     w.logq[j] = (w.s_list[j] - st.m) * inv_t - log_total;  // -inf for a -inf logit
   }
   const bool empty = !(st.rest > 0.0);  // also NaN: the row's NaN reaches the loss elsewhere
@@ -224,6 +229,7 @@ void topk_row(const LogitTopKParams& p, int64_t r, TopKScratch& w, int* flags) {
   }
   for (int64_t j = 0; j < k; ++j) {
     const int64_t v = p.indices[r * k + j];
+    if (v < 0) continue;
     const double q_j = std::exp(w.logq[j]);
     double g = cs * (w.g[j] - big_g * q_j);
     if (hard) {

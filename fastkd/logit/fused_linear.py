@@ -400,7 +400,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                          process_group=None, num_items_in_batch=None):
     """See :class:`fastkd.FusedLinearKDLoss`; ``cfg`` is the validated configuration."""
     backend = _backend.check_backend_name(backend)
-    if teacher_weights is not None:
+    if teacher_weights is not None and teacher_topk is None:
         _checks.check_weights("teacher_weights", teacher_weights, 1)
     chunk_size = check_chunk_size(chunk_size)
     _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight,
@@ -426,8 +426,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     idx = lp = None
     if kind == "topk":
         idx, lp = _topk.validate_topk(teacher_topk, _ShapeOnly(lead + (vocab,), device),
-                                      cfg.temperature,
-                                      check_data=False)  # in the op (or the reference path)
+                                      cfg.temperature, check_data=False,  # in the op
+                                      teacher_weights=teacher_weights)
     num_items = check_num_items(num_items_in_batch, cfg.reduction, device)
     parallel = vocab_parallel.is_parallel(process_group)
     if parallel and (kind == "topk" or vocab_s != vocab_t):

@@ -106,7 +106,17 @@ class KDLoss(torch.nn.Module):
     :math:`Q_j = q_{\text{indices}_j}`, and one residual bucket :math:`1 - \sum_j P_j` (clamped
     at 0) against the student's remaining mass :math:`1 - \sum_j Q_j`. With ``k == V`` the
     residual bucket is empty on both sides and the loss equals the dense one. ``logprobs`` get
-    no gradient.
+    no gradient. An index of -1 is an empty slot (a row listing fewer than k entries; its
+    logprob is ignored).
+
+    Several sparse teachers: ``teacher_topk=[teacher_0, teacher_1, ...]`` (pairs or
+    :class:`~fastkd.TopKTeacher`, each with its own k and temperature) mixed with
+    ``teacher_weights``: each is re-tempered to ``temperature`` and taken as the distribution
+    that spreads its residual evenly over its unlisted entries; the mixture
+    :math:`p = \sum_i w_i p_i` is listed over the union U of the listed entries and its
+    residual is the one bucket of the entries outside U (see
+    :func:`fastkd.logit.topk_teacher.merge_topk_teachers`). The divergence is then computed
+    over :math:`|U| + 1` buckets as above; one teacher in a list is that teacher.
 
     Normalising across calls: ``forward(..., num_items_in_batch=n)`` with ``reduction="mean"``
     divides the summed row losses by ``n`` (an int or a one-element tensor) instead of by this
@@ -116,7 +126,8 @@ class KDLoss(torch.nn.Module):
 
     Shape:
         - student_logits: :math:`(*, V)`; teacher_logits: :math:`(*, V_t)` or a list of them.
-        - teacher_topk (instead of teacher_logits): ``(indices, logprobs)``, :math:`(*, k)` each.
+        - teacher_topk (instead of teacher_logits): ``(indices, logprobs)``, :math:`(*, k)` each,
+          a :class:`~fastkd.TopKTeacher`, or a list of them.
         - target (optional): :math:`(*)`, integer class indices.
         - Output: scalar float32, or :math:`(*)` with ``reduction="none"``.
 
@@ -179,14 +190,15 @@ class FusedLinearKDLoss(torch.nn.Module):
         target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
         teacher_topk=None)`` with exactly one teacher: ``teacher_hidden`` + ``teacher_weight``
         (+ ``teacher_bias``), or ``teacher_logits``, or ``teacher_topk=(indices, logprobs)``
-        (sparse top-k teacher, as in :class:`KDLoss`).
+        (sparse top-k teacher, as in :class:`KDLoss`; also a list of several, mixed with
+        ``teacher_weights``).
 
     Shape:
         - student_hidden: :math:`(*, H_s)`; student_weight: :math:`(V_s, H_s)`;
           student_bias: :math:`(V_s)`.
         - teacher_hidden: :math:`(*, H_t)`; teacher_weight: :math:`(V_t, H_t)`;
           teacher_bias: :math:`(V_t)`; or teacher_logits: :math:`(*, V_t)`; or teacher_topk:
-          two :math:`(*, k)` tensors.
+          two :math:`(*, k)` tensors (or a list of such teachers).
         - target (optional): :math:`(*)`. Output: scalar float32, or :math:`(*)` with
           ``reduction="none"``.
 
@@ -209,7 +221,7 @@ class FusedLinearKDLoss(torch.nn.Module):
                  reduction="mean", teacher_weights=None, backend="auto", chunk_size=None,
                  process_group=None):
         super().__init__()
-        _init_logit_module(self, locals(), n_teachers=1)
+        _init_logit_module(self, locals())
         self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,

@@ -41,13 +41,11 @@ def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, bac
         raise ValueError("give either teacher_logits or teacher_topk, not both")
     if teacher_topk is None:
         raise ValueError("teacher_logits is None: give teacher logits or teacher_topk")
-    if teacher_weights is not None:
-        raise ValueError("teacher_weights applies to a list of teacher_logits, not to "
-                         "teacher_topk")
     student, _, target = validate_inputs(student_logits, student_logits, target)
     name = _backend.select_backend(backend, student.device, [student.dtype], what="logits")
     num_items = check_num_items(num_items_in_batch, cfg.reduction, student.device)
-    return topk.kd_loss_topk(student, teacher_topk, target, cfg, name, num_items)
+    return topk.kd_loss_topk(student, teacher_topk, target, cfg, name, num_items,
+                             teacher_weights)
 
 
 # The fused kernels behind one torch.library custom op (the pattern: fastkd/_custom_op.py).

@@ -139,6 +139,31 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
     return torch.where(valid, rows, torch.zeros_like(rows))
 
 
+def _listed_mask(indices, vocab: int):
+    """``[N, V]`` bool: the entries a top-k teacher lists (an index of -1 is an empty slot)."""
+    used = indices >= 0
+    hits = torch.zeros(indices.shape[0], vocab, dtype=torch.int32, device=indices.device)
+    return hits.scatter_add_(-1, indices.clamp_min(0), used.to(torch.int32)) > 0
+
+
+def _student_rest(z, listed):
+    """``(logsumexp of z over the unlisted finite entries, empty)``, ``[N, 1]`` each, with -inf
+    where no such entry exists (``empty``), kept out of the autograd graph there."""
+    rest = ~listed & (z != -math.inf)
+    empty = ~rest.any(-1, keepdim=True)
+    # logsumexp over an all -inf row has a NaN gradient: keep such rows out of the graph.
+    z_rest = torch.where(rest, z, torch.full_like(z, -math.inf))
+    z_rest = torch.where(empty, torch.zeros_like(z), z_rest)
+    lse_rest = torch.where(empty, torch.full_like(z[:, :1], -math.inf),
+                           torch.logsumexp(z_rest, dim=-1, keepdim=True))
+    return lse_rest, empty
+
+
+def _log_or_ninf(x):
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).log(),
+                       torch.full_like(x, -math.inf))
+
+
 def topk_bucket_logprobs(student, indices, logprobs, temperature):
     """Bucket log-probabilities of a sparse top-k teacher (SPEC §1b), each ``[N, k + 1]``.
 
@@ -147,44 +172,86 @@ def topk_bucket_logprobs(student, indices, logprobs, temperature):
     at the distillation temperature), ``P_k = max(0, 1 - sum_j P_j)``. Student at temperature T:
     ``log Q_j = log_softmax(s / T)[indices_j]``, ``log Q_k = logsumexp of s / T over the entries not
     listed - logsumexp(s / T)``, computed directly (not as ``1 - sum Q_j``) so that a tiny residual
-    keeps its relative precision. When ``k == V`` the residual bucket is empty on both sides and
-    gets probability 0 on both (log = -inf), contributing nothing.
+    keeps its relative precision. When no unlisted entry has mass (``k == V``, or every unlisted
+    entry -inf) the residual bucket is empty: probability 0 on both sides (log = -inf),
+    contributing nothing. An index of -1 is an empty slot: ``P_j = Q_j = 0``.
     """
     dtype = work_dtype(student, logprobs)
     z = student.to(dtype) / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    logq_k = z.gather(-1, indices) - lse
-    listed = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, indices, True)
-    rest = ~listed & (z != -math.inf)
-    empty = ~rest.any(-1, keepdim=True)
-    # logsumexp over an all -inf row has a NaN gradient: keep such rows out of the graph.
-    z_rest = torch.where(rest, z, torch.full_like(z, -math.inf))
-    z_rest = torch.where(empty, torch.zeros_like(z), z_rest)
-    logq_res = torch.where(empty, torch.full_like(lse, -math.inf),
-                           torch.logsumexp(z_rest, dim=-1, keepdim=True) - lse)
-    logp_k = logprobs.to(dtype)
+    used = indices >= 0
+    ninf = torch.full((), -math.inf, dtype=dtype, device=z.device)
+    logq_k = torch.where(used, z.gather(-1, indices.clamp_min(0)) - lse, ninf)
+    lse_rest, empty = _student_rest(z, _listed_mask(indices, z.shape[-1]))
+    logq_res = torch.where(empty, ninf, lse_rest - lse)
+    logp_k = torch.where(used, logprobs.to(dtype), ninf)
     p_res = (1.0 - logp_k.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-    no_res = empty if indices.shape[-1] < student.shape[-1] else torch.ones_like(empty)
-    p_res = torch.where(no_res, torch.zeros_like(p_res), p_res)
-    logp_res = torch.where(p_res > 0, p_res.clamp_min(torch.finfo(dtype).tiny).log(),
-                           torch.full_like(p_res, -math.inf))
-    return torch.cat([logp_k, logp_res], -1), torch.cat([logq_k, logq_res], -1)
+    p_res = torch.where(empty, torch.zeros_like(p_res), p_res)
+    return torch.cat([logp_k, _log_or_ninf(p_res)], -1), torch.cat([logq_k, logq_res], -1)
+
+
+def topk_mixture_bucket_logprobs(student, teachers, weights, temperature):
+    """Bucket log-probabilities of several sparse top-k teachers mixed with ``weights``
+    (SPEC §1c for top-k teachers), each ``[N, V + 1]``: one bucket per vocabulary entry of the
+    union U of the listed sets (entries outside U have probability 0 on both sides), then the
+    residual bucket (every entry outside U).
+
+    Each teacher ``(indices, logprobs)`` (at the loss's temperature) is taken as the full
+    distribution that lists its entries and spreads its residual ``r_i = 1 - sum P_i`` evenly
+    over its ``V - k_i`` unlisted entries (the assumption of re-tempering); the teachers are
+    mixed entry by entry, ``p = sum_i w_i p_i``, and p is then bucketed over U and the rest.
+    Written densely over ``[N, V]`` on purpose: the kernels' merge of the sorted lists is checked
+    against it. The student side is as in :func:`topk_bucket_logprobs` with U listed."""
+    dtype = work_dtype(student, *[lp for _, lp in teachers])
+    n, vocab = student.shape
+    z = student.to(dtype) / temperature
+    p = torch.zeros(n, vocab, dtype=dtype, device=z.device)
+    union = torch.zeros(n, vocab, dtype=torch.bool, device=z.device)
+    for (indices, logprobs), w in zip(teachers, weights):
+        used = indices >= 0
+        pk = torch.where(used, logprobs.to(dtype).exp(), torch.zeros((), dtype=dtype,
+                                                                       device=z.device))
+        listed = _listed_mask(indices, vocab)
+        n_rest = vocab - listed.sum(-1, keepdim=True)
+        r = (1.0 - pk.sum(-1, keepdim=True)).clamp_min(0.0)
+        rho = torch.where(n_rest > 0, r / n_rest.clamp_min(1), torch.zeros_like(r))
+        at_listed = torch.zeros_like(p).scatter_add_(-1, indices.clamp_min(0), pk)
+        p = p + w * torch.where(listed, at_listed, rho.expand(n, vocab))
+        union |= listed
+    ninf = torch.full((), -math.inf, dtype=dtype, device=z.device)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    lse_rest, empty = _student_rest(z, union)
+    logq = torch.where(union, z - lse, ninf)
+    logq_res = torch.where(empty, ninf, lse_rest - lse)
+    logp = torch.where(union, _log_or_ninf(p), ninf)
+    p_res = torch.where(union, torch.zeros_like(p), p).sum(-1, keepdim=True)
+    p_res = torch.where(empty, torch.zeros_like(p_res), p_res)
+    return torch.cat([logp, _log_or_ninf(p_res)], -1), torch.cat([logq, logq_res], -1)
 
 
 def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, soft_weight,
                            hard_weight, divergence, beta, t2_scale, ignore_index,
-                           label_smoothing):
+                           label_smoothing, weights=None):
     """Per-row KD loss ``[N]`` against a sparse top-k teacher (SPEC §1b): D over the k + 1
     buckets of :func:`topk_bucket_logprobs`, plus the hard CE term as in
-    :func:`kd_rows_reference`. ``student`` ``[N, V]``, ``indices`` ``[N, k]`` int64,
-    ``logprobs`` ``[N, k]``. Rows whose target is ``ignore_index`` are 0."""
+    :func:`kd_rows_reference`. ``student`` ``[N, V]``, ``indices`` ``[N, k]`` int64 (-1: an
+    empty slot), ``logprobs`` ``[N, k]``. Several top-k teachers: ``indices`` and ``logprobs``
+    are lists (one ``[N, k_i]`` pair per teacher) and ``weights`` their normalised weights;
+    the buckets are those of :func:`topk_mixture_bucket_logprobs`. Rows whose target is
+    ``ignore_index`` are 0."""
     valid = checked_rows(student.detach(), [], target, ignore_index)
     keep = valid.unsqueeze(-1)
     s = torch.where(keep, student, torch.zeros((), dtype=student.dtype, device=student.device))
-    lp = torch.where(keep, logprobs, torch.full((), -math.log(indices.shape[-1]) if
-                                                 indices.shape[-1] else 0.0,
-                                                 dtype=logprobs.dtype, device=logprobs.device))
-    logp, logq = topk_bucket_logprobs(s, indices, lp, temperature)
+
+    def kept(lp):  # ignored rows may hold anything: a valid stand-in there
+        return torch.where(keep, lp, torch.full((), -math.log(lp.shape[-1]), dtype=lp.dtype,
+                                                device=lp.device))
+
+    if isinstance(indices, (list, tuple)):
+        pairs = [(i, kept(lp)) for i, lp in zip(indices, logprobs)]
+        logp, logq = topk_mixture_bucket_logprobs(s, pairs, weights, temperature)
+    else:
+        logp, logq = topk_bucket_logprobs(s, indices, kept(logprobs), temperature)
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
     if target is not None and hard_weight != 0.0:

@@ -26,74 +26,136 @@ from fastkd._reduce import mean_count, reduce_rows
 from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, raise_flags, unit_stride
 from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows, jsd_endpoint,
                                     kd_rows_topk_reference)
-from fastkd.logit.topk_teacher import TopKTeacher, resolve_teacher_topk
+from fastkd.logit.topk_teacher import TopKTeacher, merge_topk_teachers, resolve_teacher_topk
 
 # Float32 elements per chunk of rows: bounds the temporaries (~8 x 4 bytes each) to ~128 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def validate_topk(teacher_topk, student_logits, temperature, check_data=True):
-    """Check ``teacher_topk`` against ``student_logits`` ``[*, V]``: a pair ``(indices,
-    logprobs)`` at the loss's ``temperature``, or a :class:`~fastkd.TopKTeacher` (re-tempered
-    from its temperature to ``temperature``).
-
-    Returns ``(indices [N, k] int64, logprobs [N, k])``. The device-data checks
-    (:func:`check_topk_data`) run here with ``check_data``, else inside the custom op."""
-    if isinstance(teacher_topk, TopKTeacher):
-        vocab = student_logits.shape[-1]
-        if teacher_topk.k > vocab:
-            raise ValueError(f"teacher_topk has k = {teacher_topk.k} entries per row; need "
-                             f"1 <= k <= V = {vocab}")
-        teacher_topk = resolve_teacher_topk(teacher_topk, vocab, temperature)
+def _teacher_list(teacher_topk):
+    """The top-k teachers of ``teacher_topk``: one (a pair or a :class:`TopKTeacher`) or a
+    list/tuple of several (each a pair or a :class:`TopKTeacher`)."""
     if isinstance(teacher_topk, (tuple, list)) and any(
             isinstance(x, (TopKTeacher, tuple, list)) for x in teacher_topk):
-        raise ValueError("teacher_topk takes one top-k teacher; a list of several top-k "
-                         "teachers is not supported (mix dense teachers with teacher_logits=[...])")
-    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
-        raise TypeError("teacher_topk must be a pair (indices, logprobs) of tensors or a "
+        if not all(isinstance(x, (TopKTeacher, tuple, list)) for x in teacher_topk):
+            raise TypeError("teacher_topk: a list of several top-k teachers holds only "
+                            "(indices, logprobs) pairs or fastkd.TopKTeacher objects")
+        return list(teacher_topk)
+    return [teacher_topk]
+
+
+def count_topk_teachers(teacher_topk) -> int:
+    """How many top-k teachers ``teacher_topk`` holds (for ``teacher_weights``)."""
+    return len(_teacher_list(teacher_topk))
+
+
+def _validate_one(teacher, vocab, lead, temperature, name):
+    if isinstance(teacher, TopKTeacher):
+        if teacher.k > vocab:
+            raise ValueError(f"{name} has k = {teacher.k} entries per row; need 1 <= k <= V = "
+                             f"{vocab}")
+        teacher = resolve_teacher_topk(teacher, vocab, temperature)
+    if not isinstance(teacher, (tuple, list)) or len(teacher) != 2:
+        raise TypeError(f"{name} must be a pair (indices, logprobs) of tensors or a "
                         "fastkd.TopKTeacher")
-    indices, logprobs = teacher_topk
+    indices, logprobs = teacher
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"teacher_topk indices must be an int64 (or int32) tensor, got "
+        raise TypeError(f"{name} indices must be an int64 (or int32) tensor, got "
                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
-    _checks.check_float_tensor("teacher_topk logprobs", logprobs)
-    vocab = student_logits.shape[-1]
-    lead = student_logits.shape[:-1]
+    _checks.check_float_tensor(f"{name} logprobs", logprobs)
     if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_topk indices {tuple(indices.shape)} and logprobs "
+        raise ValueError(f"{name} indices {tuple(indices.shape)} and logprobs "
                          f"{tuple(logprobs.shape)} must have the same shape")
     if indices.dim() < 1 or indices.shape[:-1] != lead:
-        raise ValueError(f"teacher_topk tensors have shape {tuple(indices.shape)} but must be "
+        raise ValueError(f"{name} tensors have shape {tuple(indices.shape)} but must be "
                          f"[*, k] with * = the leading shape of student_logits {tuple(lead)}")
     k = indices.shape[-1]
     if not 1 <= k <= vocab:
-        raise ValueError(f"teacher_topk has k = {k} entries per row; need 1 <= k <= V = {vocab}")
-    _checks.check_same_device(student_logits=student_logits, teacher_topk_indices=indices,
-                              teacher_topk_logprobs=logprobs)
-    idx = indices.reshape(-1, k).to(torch.int64)
-    lp = logprobs.reshape(-1, k)
+        raise ValueError(f"{name} has k = {k} entries per row; need 1 <= k <= V = {vocab}")
+    return indices.reshape(-1, k).to(torch.int64), logprobs.reshape(-1, k)
+
+
+def validate_topk_teachers(teacher_topk, student_logits, temperature, teacher_weights=None):
+    """Check ``teacher_topk`` against ``student_logits`` ``[*, V]`` (shapes, dtypes, devices):
+    a pair ``(indices, logprobs)`` at the loss's ``temperature``, a :class:`~fastkd.TopKTeacher`
+    (re-tempered from its temperature to ``temperature``), or a list of several of those.
+
+    Returns ``(pairs, weights)``: one ``(indices [N, k_i] int64, logprobs [N, k_i])`` per
+    teacher (-1 indices are empty slots) and the normalised ``teacher_weights`` (default
+    equal). The device-data checks are :func:`check_topk_data`'s."""
+    teachers = _teacher_list(teacher_topk)
+    vocab = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    several = len(teachers) > 1
+    pairs = []
+    for i, t in enumerate(teachers):
+        name = f"teacher_topk[{i}]" if several else "teacher_topk"
+        idx, lp = _validate_one(t, vocab, lead, temperature, name)
+        _checks.check_same_device(student_logits=student_logits, **{f"{name} indices": idx,
+                                                                    f"{name} logprobs": lp})
+        pairs.append((idx, lp))
+    return pairs, _checks.check_weights("teacher_weights", teacher_weights, len(pairs))
+
+
+def validate_topk(teacher_topk, student_logits, temperature, check_data=True,
+                  teacher_weights=None):
+    """:func:`validate_topk_teachers`, then one sparse teacher: several are mixed with their
+    weights by :func:`merge_topk_op` (which always checks their data). Returns ``(indices
+    [N, k] int64, logprobs [N, k])``. The data checks of one teacher run here with
+    ``check_data``, else inside the custom op."""
+    pairs, weights = validate_topk_teachers(teacher_topk, student_logits, temperature,
+                                            teacher_weights)
+    if len(pairs) > 1:
+        return merge_topk_op([i for i, _ in pairs], [lp for _, lp in pairs], weights,
+                             student_logits.shape[-1])
+    idx, lp = pairs[0]
     if check_data:
-        check_topk_data(idx, lp, vocab)
+        check_topk_data(idx, lp, student_logits.shape[-1])
     return idx, lp
 
 
-def check_topk_data(idx, lp, vocab):
-    """Index range, duplicate indices, listed probabilities summing to more than 1 (one host
-    synchronisation)."""
+def check_topk_data(idx, lp, vocab, name="teacher_topk"):
+    """Index range (-1: an empty slot), duplicate indices, listed probabilities summing to
+    more than 1 (one host synchronisation)."""
     k = idx.shape[-1]
     if idx.numel():
         srt = idx.sort(-1).values
-        bad_range = (srt[:, 0] < 0) | (srt[:, -1] >= vocab)
-        dup = (srt[:, 1:] == srt[:, :-1]).any(-1) if k > 1 else torch.zeros_like(bad_range)
-        over = lp.float().exp().sum(-1) > 1.0 + 1e-3  # NaN rows compare False: NaN propagates
+        bad_range = (srt[:, 0] < -1) | (srt[:, -1] >= vocab)
+        dup = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(-1) if k > 1 \
+            else torch.zeros_like(bad_range)
+        p = torch.where(idx >= 0, lp.float().exp(), 0.0)
+        over = p.sum(-1) > 1.0 + 1e-3  # NaN rows compare False: NaN propagates
         flags = torch.stack([bad_range.any(), dup.any(), over.any()]).tolist()
         if flags[0]:
-            raise ValueError(f"teacher_topk indices must lie in [0, {vocab})")
+            raise ValueError(f"{name} indices must lie in [0, {vocab}) (or be -1, an empty slot)")
         if flags[1]:
-            raise ValueError("teacher_topk indices must be distinct within a row")
+            raise ValueError(f"{name} indices must be distinct within a row")
         if flags[2]:
-            raise ValueError("teacher_topk logprobs must be log-probabilities: the listed "
+            raise ValueError(f"{name} logprobs must be log-probabilities: the listed "
                              "probabilities of a row sum to more than 1")
+
+
+@torch.library.custom_op(f"{_custom_op.NAMESPACE}::merge_topk", mutates_args=(),
+                         schema="(Tensor[] indices, Tensor[] logprobs, float[] weights, "
+                                "int vocab) -> (Tensor, Tensor)",
+                         **_custom_op.host_sync_tags())
+def merge_topk_op(indices, logprobs, weights, vocab):
+    """``fastkd::merge_topk``: several top-k teachers (``[N, k_i]`` each, at the loss's
+    temperature) checked (:func:`check_topk_data`, naming the teacher) and mixed with
+    ``weights`` into one (:func:`~fastkd.logit.topk_teacher.merge_topk_teachers`)."""
+    for i, (idx, lp) in enumerate(zip(indices, logprobs)):
+        check_topk_data(idx, lp, vocab, f"teacher_topk[{i}]")
+    return merge_topk_teachers(list(zip(indices, logprobs)), list(weights), vocab)
+
+
+@merge_topk_op.register_fake
+def _merge_topk_fake(indices, logprobs, weights, vocab):
+    width = min(sum(i.shape[-1] for i in indices), vocab)
+    dtype = (torch.float64 if any(lp.dtype == torch.float64 for lp in logprobs)
+             else torch.float32)
+    n = indices[0].shape[0]
+    return (indices[0].new_empty((n, width), dtype=torch.int64),
+            logprobs[0].new_empty((n, width), dtype=dtype))
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -142,11 +204,16 @@ def _bucket_terms(z, idx, lp, soft_factor, cfg, weight, ez):
     ``divergence_rows``, ``g`` by :func:`_dlogq`). Then, with ``G = sum_b g_b``,
     ``dD/dz_v = g_j [v = indices_j] + g_res e_v / sum_rest [v unlisted] - G e_v / sum``.
     """
-    e_rest = ez.e.scatter(-1, idx, 0.0)
+    used = idx >= 0  # -1: an empty slot (P = Q = 0)
+    sidx = idx.clamp_min(0)
+    listed = torch.zeros_like(z).scatter_add_(-1, sidx, used.to(z.dtype)) > 0
+    e_rest = torch.where(listed, 0.0, ez.e)
     sum_rest = e_rest.sum(-1, keepdim=True)
     empty = sum_rest == 0  # k == V, every unlisted entry masked, or underflow below the max
     lse_rest = torch.where(empty, torch.full_like(sum_rest, -math.inf), ez.m + sum_rest.log())
-    logq = torch.cat([z.gather(-1, idx) - ez.lse, lse_rest - ez.lse], -1)
+    logq = torch.cat([torch.where(used, z.gather(-1, sidx) - ez.lse, -math.inf),
+                      lse_rest - ez.lse], -1)
+    lp = torch.where(used, lp, -math.inf)
     p_res = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
     p_res = torch.where(empty, torch.zeros_like(p_res), p_res)
     logp = torch.cat([lp, torch.where(p_res > 0, p_res.clamp_min(torch.finfo(z.dtype).tiny).log(),
@@ -154,10 +221,10 @@ def _bucket_terms(z, idx, lp, soft_factor, cfg, weight, ez):
     d = divergence_rows(logp, logq, cfg.divergence, cfg.beta) * soft_factor
     g = _dlogq(logp, logq, cfg.divergence, cfg.beta) * (soft_factor * weight)
     g_res = torch.where(empty, torch.zeros_like(g[:, -1:]), g[:, -1:])
-    g_k = g[:, :-1]
+    g_k = torch.where(used, g[:, :-1], 0.0)
     grad = e_rest.mul_(g_res / torch.where(empty, torch.ones_like(sum_rest), sum_rest))
     grad.addcmul_(ez.e, (g_k.sum(-1, keepdim=True) + g_res) / ez.sum, value=-1.0)
-    grad.scatter_add_(-1, idx, g_k)
+    grad.scatter_add_(-1, sidx, g_k)
     return d.detach(), grad
 
 
@@ -230,7 +297,7 @@ def _triton_topk(student, indices, logprobs, target, cfg, grad_scale, need):
                                             need)
 
 
-def _cpu_topk(student, indices, logprobs, target, cfg, grad_scale, need):
+def _cxx_topk(student, indices, logprobs, target, cfg, grad_scale, need):
     div, beta = cfg.kernel_divergence
     return _ext._C.logit_topk_forward(student, indices, logprobs, target, cfg.ignore_index,
                                       cfg.temperature, div, beta, cfg.soft_factor,
@@ -238,10 +305,12 @@ def _cpu_topk(student, indices, logprobs, target, cfg, grad_scale, need):
 
 
 #: Backends with a fused top-k kernel (one pass over the student row, loss and gradient in one
-#: launch); the others run :func:`topk_rows_and_grad` (chunks of PyTorch ops).
+#: launch); the others run :func:`topk_rows_and_grad` (chunks of PyTorch ops). The extension's
+#: kernel serves both cpu and cuda tensors (csrc/glue/logit.h).
 FUSED_KERNELS = {"triton": _triton_topk}
 if _ext._C is not None and hasattr(_ext._C, "logit_topk_forward"):
-    FUSED_KERNELS["cpu"] = _cpu_topk
+    FUSED_KERNELS["cpu"] = _cxx_topk
+    FUSED_KERNELS["cuda"] = _cxx_topk
 
 
 TOPK_SCHEMA = (f"(Tensor student, Tensor indices, Tensor logprobs, Tensor? target, "
@@ -303,20 +372,31 @@ def _topk_backward(ctx, grad_loss, _grad):
 logit_kd_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
-def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, num_items=None):
-    """KD loss against a sparse top-k teacher; ``cfg`` is a validated ``LogitKDConfig``,
-    ``num_items`` the checked ``num_items_in_batch`` or None."""
-    idx, lp = validate_topk(teacher_topk, student_logits, cfg.temperature,
-                            check_data=backend_name == "reference")
+def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, num_items=None,
+                 teacher_weights=None):
+    """KD loss against a sparse top-k teacher (or several, mixed with ``teacher_weights``);
+    ``cfg`` is a validated ``LogitKDConfig``, ``num_items`` the checked
+    ``num_items_in_batch`` or None."""
     lead_shape = student_logits.shape[:-1]
-    if backend_name == "reference":
-        s2 = student_logits.reshape(-1, student_logits.shape[-1])
-        tgt = None if target is None else target.reshape(-1).to(torch.int64)
-        rows = kd_rows_topk_reference(s2, idx, lp, tgt, **cfg.reference_kwargs())
-        count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
-        return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = student_logits.reshape(-1, student_logits.shape[-1])
     tgt = None if target is None else target.reshape(-1).to(torch.int64)
+    if backend_name == "reference":
+        pairs, weights = validate_topk_teachers(teacher_topk, student_logits, cfg.temperature,
+                                                teacher_weights)
+        vocab = s2.shape[-1]
+        for i, (idx, lp) in enumerate(pairs):
+            check_topk_data(idx, lp, vocab,
+                            f"teacher_topk[{i}]" if len(pairs) > 1 else "teacher_topk")
+        if len(pairs) > 1:
+            idx, lp = [i for i, _ in pairs], [lp for _, lp in pairs]
+        else:
+            idx, lp = pairs[0]
+        rows = kd_rows_topk_reference(s2, idx, lp, tgt, weights=weights,
+                                      **cfg.reference_kwargs())
+        count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
+        return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
+    idx, lp = validate_topk(teacher_topk, student_logits, cfg.temperature, check_data=False,
+                            teacher_weights=teacher_weights)
     loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(), _custom_op.needs_grad(s2),
                                backend_name, num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

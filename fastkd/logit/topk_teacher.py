@@ -17,7 +17,7 @@ import torch
 
 from fastkd import _checks
 
-__all__ = ["TopKTeacher", "retemper_logprobs", "resolve_teacher_topk"]
+__all__ = ["TopKTeacher", "retemper_logprobs", "resolve_teacher_topk", "merge_topk_teachers"]
 
 # Listed log-probabilities may exceed 0, and their probabilities sum past 1, by rounding only
 # (same tolerance as the loss's own check of teacher_topk).
@@ -39,7 +39,8 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def retemper_logprobs(logprobs: torch.Tensor, vocab_size: int, source_temperature: float,
-                      temperature: float, *, return_log_residual: bool = False):
+                      temperature: float, *, return_log_residual: bool = False,
+                      listed: torch.Tensor | None = None):
     r"""Re-temper top-k teacher log-probabilities taken at ``source_temperature`` to ``temperature``.
 
     With :math:`a = T_{src} / T`, listed log-probabilities :math:`l_1..l_k` of a row and its
@@ -91,6 +92,9 @@ def retemper_logprobs(logprobs: torch.Tensor, vocab_size: int, source_temperatur
         return_log_residual: also return the log of the re-tempered residual bucket ``[*]``
             (``-inf`` when empty), computed directly rather than as ``log(1 - sum exp(l'))``,
             which cancels in float32 when the residual is tiny.
+        listed: ``[*]`` integer count of the entries each row lists, for rows with empty slots
+            (their logprobs must be ``-inf``); the residual is then spread over
+            ``V - listed``. Default: every row lists k.
 
     Returns:
         ``[*, k]`` re-tempered log-probabilities: float32 (float64 for float64 input), detached
@@ -113,18 +117,17 @@ def retemper_logprobs(logprobs: torch.Tensor, vocab_size: int, source_temperatur
     # hold nearly all the mass, and the cost is negligible next to the loss over [N, V].
     lp = logprobs.detach().to(torch.float64)
     log_r = _log1mexp(torch.logsumexp(lp, -1, keepdim=True))
-    rest = vocab_size - k
-    if a == 1.0:
-        log_res = log_r if rest > 0 else torch.full_like(log_r, -math.inf)
-        return logprobs, log_res.squeeze(-1).to(out_dtype)
-    logw = a * lp
-    if rest > 0:
-        # log((V - k) (r / (V - k))^a); r = 0 gives -inf (a > 0): an empty bucket.
-        log_wres = a * log_r + (1.0 - a) * math.log(rest)
-        norm = torch.logsumexp(torch.cat([logw, log_wres], -1), -1, keepdim=True)
+    if listed is None:
+        rest = torch.full_like(log_r, float(vocab_size - k))
     else:
-        log_wres = torch.full_like(log_r, -math.inf)
-        norm = torch.logsumexp(logw, -1, keepdim=True)
+        rest = (vocab_size - listed.to(lp.device, torch.float64)).reshape(log_r.shape)
+    ninf = torch.full_like(log_r, -math.inf)
+    if a == 1.0:
+        return logprobs, torch.where(rest > 0, log_r, ninf).squeeze(-1).to(out_dtype)
+    logw = a * lp
+    # log((V - k) (r / (V - k))^a); r = 0 gives -inf (a > 0): an empty bucket.
+    log_wres = torch.where(rest > 0, a * log_r + (1.0 - a) * rest.clamp_min(1.0).log(), ninf)
+    norm = torch.logsumexp(torch.cat([logw, log_wres], -1), -1, keepdim=True)
     # A row with no mass at all (every weight 0) stays all -inf instead of becoming NaN.
     norm = torch.where(norm == -math.inf, torch.zeros_like(norm), norm)
     out = (logw - norm).to(out_dtype)
@@ -141,12 +144,13 @@ class TopKTeacher:
     from the loss's temperature the logprobs are re-tempered with :func:`retemper_logprobs`.
 
     Args:
-        indices: ``[*, k]`` int64 or int32 vocabulary indices, distinct within a row.
+        indices: ``[*, k]`` int64 or int32 vocabulary indices, distinct within a row; -1 marks
+            an empty slot (a row that lists fewer than k entries; its logprob is ignored).
         logprobs: ``[*, k]`` floating-point log-probabilities of those entries (any float dtype;
             bf16/fp16 are fine for storage).
         temperature: ``T_src``, the temperature the logprobs were taken at (the teacher's
             ``log_softmax(logits / T_src)``); ``None`` (default) means the loss's temperature.
-        check: validate the data too (indices >= 0; logprobs not NaN, <= 0 and their
+        check: validate the data too (indices >= -1; listed logprobs not NaN, <= 0 and their
             probabilities summing to at most 1, up to 1e-3 for rounding). One host
             synchronisation; pass ``False`` for data known to be valid.
 
@@ -204,7 +208,13 @@ class TopKTeacher:
         if self.temperature is None:
             _checks.check_finite_number("temperature", temperature, positive=True)
             return self.logprobs
-        return retemper_logprobs(self.logprobs, vocab_size, self.temperature, temperature)
+        if self.temperature == temperature:
+            return self.logprobs
+        used = self.indices >= 0
+        lp = torch.where(used, self.logprobs, torch.full((), -math.inf, dtype=self.logprobs.dtype,
+                                                          device=self.logprobs.device))
+        return retemper_logprobs(lp, vocab_size, self.temperature, temperature,
+                                 listed=used.sum(-1))
 
     def retemper(self, temperature: float, vocab_size: int) -> "TopKTeacher":
         """A new :class:`TopKTeacher` at ``temperature`` (same indices)."""
@@ -272,15 +282,16 @@ class TopKTeacher:
 
 def _check_data(indices, logprobs):
     """Data checks of :class:`TopKTeacher` (one host synchronisation)."""
-    lp = logprobs.detach().float()
+    used = indices >= 0
+    lp = torch.where(used, logprobs.detach().float(), -math.inf)
     flags = torch.stack([
-        (indices < 0).any(),
+        (indices < -1).any(),
         lp.isnan().any(),
         (lp > _LOGPROB_TOL).any(),
         (lp.exp().sum(-1) > 1.0 + _LOGPROB_TOL).any(),
     ]).tolist()
     if flags[0]:
-        raise ValueError("indices must be >= 0 (vocabulary indices)")
+        raise ValueError("indices must be vocabulary indices (>= 0) or -1 (an empty slot)")
     if flags[1]:
         raise ValueError("logprobs contains NaN")
     if flags[2]:
@@ -298,3 +309,56 @@ def resolve_teacher_topk(teacher_topk, vocab_size: int, temperature: float):
     if isinstance(teacher_topk, TopKTeacher):
         return teacher_topk.indices, teacher_topk.logprobs_at(temperature, vocab_size)
     return teacher_topk
+
+
+def merge_topk_teachers(teachers, weights, vocab_size: int):
+    r"""Several top-k teachers mixed into one sparse teacher over the union of their lists.
+
+    Each teacher ``(indices [N, k_i], logprobs [N, k_i])`` (at the loss's temperature; -1 marks
+    an empty slot) stands for the distribution that gives its listed entries their
+    probabilities :math:`P_i(v)` and spreads its residual :math:`r_i = 1 - \sum P_i` evenly
+    over its :math:`V - k_i` unlisted entries, :math:`\rho_i = r_i / (V - k_i)` each (the
+    assumption of :func:`retemper_logprobs`). The mixture :math:`p = \sum_i w_i p_i` is then
+    listed over the union U of the listed entries,
+
+    .. math::
+        p(v) = \sum_i w_i \rho_i + \sum_{i:\, v \in S_i} w_i (P_i(v) - \rho_i), \qquad v \in U,
+
+    and its residual bucket :math:`1 - \sum_{v \in U} p(v) = \sum_i w_i \rho_i (V - |U|)` is
+    what the kernels take as ``1 - sum exp(logprobs)``. With one teacher this is the teacher.
+
+    Returns ``(indices [N, K], logprobs [N, K])`` with ``K = min(sum_i k_i, V)``: the distinct
+    entries of U first (ascending), then empty slots (-1, logprob -inf); logprobs float32
+    (float64 if any input is). Computed in float64 on the small ``[N, sum k_i]`` tensors. The
+    inputs are assumed checked (:func:`fastkd.logit.topk.check_topk_data`)."""
+    out_dtype = (torch.float64 if any(lp.dtype == torch.float64 for _, lp in teachers)
+                 else torch.float32)
+    slots, contrib = [], []
+    base = None
+    for (idx, lp), w in zip(teachers, weights):
+        used = idx >= 0
+        p = torch.where(used, lp.detach().to(torch.float64).exp(), 0.0)
+        n_rest = vocab_size - used.sum(-1, keepdim=True)
+        r = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)
+        rho = torch.where(n_rest > 0, r / n_rest.clamp_min(1), torch.zeros_like(r))
+        base = w * rho if base is None else base + w * rho
+        # Empty slots sort last (index V) and add nothing.
+        slots.append(torch.where(used, idx.to(torch.int64), vocab_size))
+        contrib.append(torch.where(used, w * (p - rho), 0.0))
+    key, order = torch.cat(slots, -1).sort(dim=-1, stable=True)
+    add = torch.cat(contrib, -1).gather(-1, order)
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[:, 1:] = key[:, 1:] != key[:, :-1]
+    keep = first & (key < vocab_size)
+    # Sum each run of equal indices into its first slot.
+    run = first.cumsum(-1) - 1
+    run_sum = torch.zeros_like(add).scatter_add_(-1, run, add).gather(-1, run)
+    prob = (base + run_sum).clamp_min(0.0)
+    # The kept entries first (ascending), then the empty slots; at most V entries are distinct.
+    width = min(key.shape[-1], vocab_size)
+    pos = torch.where(keep, 0, 1).sort(dim=-1, stable=True).indices[:, :width]
+    keep = keep.gather(-1, pos)
+    indices = torch.where(keep, key.gather(-1, pos), -1)
+    logprobs = torch.where(keep & (prob.gather(-1, pos) > 0), prob.gather(-1, pos).log(),
+                           -math.inf).to(out_dtype)
+    return indices, logprobs

@@ -858,10 +858,11 @@ def _rest_sumexp(s_row, sidx_row, hi, n_sorted, ref, inv_t, BLOCK_V: tl.constexp
 @triton.jit
 def _listed_block(idx_row, lp_row, s_row, kk, km, ms, lzs, inv_t):
     """One block of listed entries: (index, s, P, Q, d) with d = log P - log Q (-inf where P = 0,
-    +inf where s = -inf < P); lanes past k have P = Q = 0."""
-    idx = tl.load(idx_row + kk, mask=km, other=0)
-    lp = tl.load(lp_row + kk, mask=km, other=float("-inf")).to(tl.float32)
-    s = tl.load(s_row + idx, mask=km, other=float("-inf")).to(tl.float32)
+    +inf where s = -inf < P); lanes past k and empty slots (index -1) have P = Q = 0."""
+    idx = tl.load(idx_row + kk, mask=km, other=-1)
+    used = km & (idx >= 0)
+    lp = tl.load(lp_row + kk, mask=used, other=float("-inf")).to(tl.float32)
+    s = tl.load(s_row + idx, mask=used, other=float("-inf")).to(tl.float32)
     lq = (s - ms) * inv_t - lzs
     d = tl.where(lp == float("-inf"), float("-inf"),
                  tl.where(s == float("-inf"), float("inf"), lp - lq))
@@ -1007,7 +1008,7 @@ def _topk_grad(g_ptr, s_row, idx_row, lp_row, row, y, live, V, hk, ms, lzs, lz1,
         g = cf * _bucket_h(DIV, p, q, d, excess, sum1, sum2, sum3, beta, log_beta, log_1mbeta)
         if HARD:
             g += hw * _hard_grad(s, idx, y, ms, lz1, c1, eps, V, SMOOTH)
-        tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=km)
+        tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=km & (idx >= 0))
 
 
 @triton.jit
@@ -1087,7 +1088,8 @@ def logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale, need
 
     Args:
         student: ``[N, V]`` float32/bfloat16/float16 logits, unit stride along V.
-        indices: ``[N, k]`` int64, in range and distinct within a row (checked by the caller).
+        indices: ``[N, k]`` int64, in range and distinct within a row, or -1 (an empty slot)
+            (checked by the caller).
         logprobs: ``[N, k]`` float tensor (read as float32), listed mass <= 1 + 1e-3.
         target: int64 ``[N]`` or ``None``.
         cfg: a :class:`fastkd.logit.config.LogitKDConfig`.
@@ -1124,8 +1126,10 @@ def logit_topk_forward(student, indices, logprobs, target, cfg, grad_scale, need
     scale = _scale_arg(grad_scale, device)
     indices = indices.contiguous()
     logprobs = logprobs.contiguous()
-    # Sorted per row, the listed indices of a vocabulary chunk are one contiguous run.
-    sorted_idx = torch.sort(indices.to(torch.int32), dim=1).values
+    # Sorted per row, the listed indices of a vocabulary chunk are one contiguous run; empty
+    # slots (-1) sort last, beyond every chunk.
+    sorted_idx = torch.sort(torch.where(indices < 0, 2 ** 31 - 1, indices).to(torch.int32),
+                            dim=1).values
 
     div, beta = cfg.kernel_divergence
     hard, smooth, has_ignore, ignore = _hard_config(cfg, target)

@@ -11,7 +11,9 @@
 // of them -inf, or their exponentials underflow) the residual bucket is empty on both sides.
 // grad_student[r, v] = d row_loss[r] / d s[r, v] * (*grad_scale). Rows with target ==
 // ignore_index get loss 0 and gradient 0. The indices are in [0, V) and distinct within a row,
-// and sum_j P_j <= 1 + 1e-3 (checked by the caller).
+// or -1: an empty slot (a row with fewer than k entries, or the padding of several teachers'
+// merged lists), which names no vocabulary entry, has P = Q = 0, and whose logprob is not read.
+// sum_j P_j <= 1 + 1e-3 over the non-empty slots (checked by the caller).
 #pragma once
 #include <cstdint>
 
@@ -49,5 +51,9 @@ struct LogitTopKParams {
 
 // CPU kernel (csrc/cpu/logit_topk.cpp).
 void logit_topk_cpu(const LogitTopKParams& p);
+
+// CUDA launcher (csrc/cuda/logit_topk.cu): enqueues the kernel on `stream` (a cudaStream_t);
+// returns a cudaError_t value (0 on success).
+int logit_topk_cuda(const LogitTopKParams& p, void* stream);
 
 }  // namespace fastkd
