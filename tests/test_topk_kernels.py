@@ -1,5 +1,5 @@
-"""Fused kernels of the sparse top-k teacher (SPEC §1b), Triton and C++ CPU, against the float64
-reference ``kd_rows_topk_reference`` (row losses; the student gradient by autograd).
+"""Fused kernels of the sparse top-k teacher (SPEC §1b), Triton, C++ CPU and CUDA (on a GPU; the
+emulated CUDA kernel is checked in tests/test_cuda_emulated.py), against the float64 reference ``kd_rows_topk_reference`` (row losses; the student gradient by autograd).
 
 Without a GPU the Triton kernel runs in the interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1): small shapes, and small ``block_v`` / ``block_k`` so that the chunked
@@ -15,6 +15,7 @@ import torch
 
 from _helpers import assert_close_grad, assert_close_loss
 
+from fastkd import _ext
 from fastkd.logit import topk
 from fastkd.logit.config import FLAG_STUDENT_MASKED, FLAG_TARGET, LogitKDConfig
 from fastkd.logit.reference import kd_rows_topk_reference
@@ -33,15 +34,20 @@ class Kernel:
         return self.fn(dev(s), dev(idx), dev(lp), dev(y), cfg, dev(scale), need, **launch)
 
 
-@pytest.fixture(params=["triton", "cpu"])
+@pytest.fixture(params=["triton", "cpu", "cuda"])
 def forward(request):
     if request.param == "triton":
         pytest.importorskip("triton")
         from fastkd.logit.triton_kernel import logit_topk_forward
         return Kernel(logit_topk_forward, "cuda" if torch.cuda.is_available() else "cpu")
-    if "cpu" not in topk.FUSED_KERNELS:
+    if request.param == "cuda" and (not torch.cuda.is_available()
+                                    or _ext.cuda_ext_reason() is not None):
+        pytest.skip("the CUDA top-k kernel needs a GPU and fastkd._C built with CUDA "
+                    "(tests/test_cuda_emulated.py runs it emulated)")
+    if request.param not in topk.FUSED_KERNELS:
         pytest.skip("fastkd._C is not built with the top-k kernel")
-    return Kernel(lambda *args, **_launch: topk.FUSED_KERNELS["cpu"](*args), "cpu")
+    return Kernel(lambda *args, **_launch: topk.FUSED_KERNELS[request.param](*args),
+                  request.param)
 
 DIVS = ["kl", "reverse_kl", "jsd", "tvd"]
 V = 300
