@@ -18,7 +18,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True,
                          ignore_index=-100, label_smoothing=0.0, reduction="mean",
                          teacher_weights=None, backend="auto", process_group=None,
-                         num_items_in_batch=None):
+                         num_items_in_batch=None, teacher_mixture="prob", uld_top=None,
+                         vocab_mismatch="error"):
     r"""Logit KD with the lm_head fused in (no ``N x V`` logits held); see
     :class:`fastkd.FusedLinearKDLoss` for the arguments and formula."""
     return _fused_linear.fused_linear_kd_loss(
@@ -26,7 +27,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         teacher_bias, teacher_logits, cfg=LogitKDConfig.pick(locals()),
         teacher_topk=teacher_topk, teacher_weights=teacher_weights, backend=backend,
         chunk_size=chunk_size, process_group=process_group,
-        num_items_in_batch=num_items_in_batch)
+        num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
 
 
 def sp_loss(student_features, teacher_features, *, reduction="mean", backend="auto",
@@ -65,13 +66,15 @@ def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", 
 def kd_loss(student_logits, teacher_logits=None, target=None, *, temperature=1.0,
             soft_weight=1.0, hard_weight=0.0, divergence="kl", beta=0.5, t2_scale=True,
             ignore_index=-100, label_smoothing=0.0, reduction="mean", teacher_weights=None,
-            backend="auto", teacher_topk=None, process_group=None, num_items_in_batch=None):
+            backend="auto", teacher_topk=None, process_group=None, num_items_in_batch=None,
+            teacher_mixture="prob", uld_top=None, vocab_mismatch="error"):
     r"""Fused logit distillation loss; see :class:`fastkd.KDLoss` for the formula.
 
     Args:
         student_logits: ``[*, V]`` float32/bfloat16/float16 (float64: reference backend only).
-        teacher_logits: ``[*, V_t]`` tensor, or a list of them for several teachers (the
-            vocabularies are cut to the shortest one, see :class:`fastkd.KDLoss`).
+        teacher_logits: ``[*, V_t]`` tensor, or a list of them for several teachers
+            (``V_t != V`` needs ``vocab_mismatch="truncate"`` or ``divergence="uld"``, see
+            :class:`fastkd.KDLoss`).
         teacher_topk: ``(indices [*, k] int64, logprobs [*, k])`` or a
             :class:`fastkd.TopKTeacher`, in place of ``teacher_logits``: a sparse top-k teacher
             (see :class:`fastkd.KDLoss`).
@@ -95,10 +98,12 @@ def kd_loss(student_logits, teacher_logits=None, target=None, *, temperature=1.0
         return _vocab_parallel.sharded_kd_loss(student_logits, teacher_logits, target, cfg,
                                                process_group=process_group,
                                                teacher_weights=teacher_weights, backend=backend,
-                                               num_items_in_batch=num_items_in_batch)
+                                               num_items_in_batch=num_items_in_batch,
+                                               vocab_mismatch=vocab_mismatch)
     return _logit.kd_loss(student_logits, teacher_logits, target, cfg,
                           teacher_weights=teacher_weights, backend=backend,
-                          teacher_topk=teacher_topk, num_items_in_batch=num_items_in_batch)
+                          teacher_topk=teacher_topk, num_items_in_batch=num_items_in_batch,
+                          vocab_mismatch=vocab_mismatch)
 
 
 __all__ = ["kd_loss", "fused_linear_kd_loss", "feature_kd_loss", "sp_loss", "rkd_loss", "pkt_loss"]

@@ -57,12 +57,14 @@ def test_opcheck_logit(backend, device):
     t2 = torch.randn(5, 7, generator=g).to(device)
     y = torch.tensor([1, -100, 6, 0, 3], device=device)
     torch.library.opcheck(L.logit_kd_op, (s, [t1, t2], y, [0.25, 0.75], 2.0, 1.0, 0.5, "jsd", 0.3,
-                                          True, -100, 0.1, "mean", True, [True, False], backend))
+                                          True, -100, 0.1, "mean", "prob", None, True,
+                                          [True, False], backend))
     torch.library.opcheck(L.logit_kd_op, (s, [t1], None, [1.0], 1.0, 1.0, 0.0, "kl", 0.5, True,
-                                          -100, 0.0, "none", True, [True], backend))
+                                          -100, 0.0, "none", "prob", None, True, [True], backend))
     num_items = torch.tensor(11, device=device).float()  # SPEC §1e: the step's count
     torch.library.opcheck(L.logit_kd_op, (s, [t1], y, [1.0], 1.5, 1.0, 0.5, "kl", 0.5, True,
-                                          -100, 0.0, "mean", True, [True], backend, num_items))
+                                          -100, 0.0, "mean", "prob", None, True, [True], backend,
+                                          num_items))
 
 
 def test_opcheck_logit_checked_rows():

@@ -132,6 +132,12 @@ def test_vocab_mismatch(backend, device, vs, vt):
     n = 11
     x = _inputs(n, 10, 14, vs, vt, torch.float32, device)
     kw = dict(temperature=2.0, hard_weight=0.7)
+    with pytest.raises(ValueError, match=f"V_s = {vs} but teacher vocabulary V_t = {vt}"):
+        _fused(x, backend, chunk=4, **kw)
+    with pytest.raises(ValueError, match="vocab_mismatch='truncate'.*divergence='uld'"):
+        kd_loss(torch.randn(n, vs, device=device), torch.randn(n, vt, device=device),
+                backend=backend, **kw)
+    kw["vocab_mismatch"] = "truncate"
     vocab = min(vs, vt)
     # The spec: the extra entries are masked out (-inf) before the softmax.
     p = {k: x[k].double().requires_grad_(k in ("hs", "ws", "bs")) for k in
@@ -143,7 +149,7 @@ def test_vocab_mismatch(backend, device, vs, vt):
     pad = max(vs, vt)
     s = torch.cat([s, torch.full((n, pad - vs), -math.inf, dtype=s.dtype)], -1)
     t = torch.cat([t, torch.full((n, pad - vt), -math.inf, dtype=t.dtype)], -1)
-    rloss = kd_loss(s, t, x["y"], backend="reference", **kw)
+    rloss = kd_loss(s, t, x["y"], backend="reference", **{**kw, "vocab_mismatch": "error"})
     rloss.backward()
     got = _fused(x, backend, chunk=4, **kw)
     _compare(got, (rloss, {k: p[k].grad for k in ("hs", "ws", "bs")}), torch.float32)

@@ -21,21 +21,24 @@ FLAG_TARGET, FLAG_STUDENT_MASKED, FLAG_TEACHER_MASKED = 1, 2, 4
 TEMPERATURE_RANGE = (1e-30, 1e18)
 
 
+TEACHER_MIXTURES = ("prob", "logprob")
+VOCAB_MISMATCH = ("error", "truncate")
+
 #: The configuration in a custom-op schema, in ``LogitKDConfig.__slots__`` order.
 CONFIG_SCHEMA = ("float temperature, float soft_weight, float hard_weight, str divergence, "
                  "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
-                 "str reduction")
+                 "str reduction, str teacher_mixture, int? uld_top")
 
 
 class LogitKDConfig:
     """Validated scalar arguments of one KD call (also what the kernels receive)."""
 
     __slots__ = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
-                 "ignore_index", "label_smoothing", "reduction")
+                 "ignore_index", "label_smoothing", "reduction", "teacher_mixture", "uld_top")
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean"):
+                 reduction="mean", teacher_mixture="prob", uld_top=None):
         self.temperature = _checks.check_finite_number("temperature", temperature, positive=True)
         if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
             # The kernels use 1/T and T**2 in float32: outside this range one of them overflows
@@ -62,6 +65,15 @@ class LogitKDConfig:
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
         self.reduction = _checks.check_reduction(reduction)
+        self.teacher_mixture = _checks.check_choice("teacher_mixture", teacher_mixture,
+                                                    TEACHER_MIXTURES)
+        if uld_top is not None:
+            if isinstance(uld_top, bool) or not isinstance(uld_top, int) or uld_top < 1:
+                raise ValueError(f"uld_top must be a positive int or None, got {uld_top!r}")
+            if self.divergence != "uld":
+                raise ValueError(f"uld_top applies to divergence='uld', not "
+                                 f"{self.divergence!r}")
+        self.uld_top = uld_top
 
     @classmethod
     def pick(cls, arguments: dict) -> "LogitKDConfig":
@@ -90,14 +102,26 @@ class LogitKDConfig:
 
     @property
     def kernel_divergence(self) -> tuple[int, float]:
-        """(divergence id, beta) with JSD at beta = 0 / 1 mapped to KL / reverse KL exactly."""
+        """(divergence id, beta) with JSD at beta = 0 / 1 mapped to KL / reverse KL exactly.
+        ``"uld"`` has no id: it never reaches the dense kernels."""
         return DIVERGENCE_IDS[jsd_endpoint(self.divergence, self.beta)], self.beta
+
+    @property
+    def log_mixture(self) -> bool:
+        """Several teachers are mixed in log space (``teacher_mixture="logprob"``)."""
+        return self.teacher_mixture == "logprob"
 
     def reference_kwargs(self) -> dict:
         """The keyword arguments of the reference's row functions (all but ``reduction``)."""
         kwargs = self.as_dict()
         del kwargs["reduction"]
         return kwargs
+
+
+#: How many custom-op arguments the configuration takes (:meth:`LogitKDConfig.as_args`).
+N_CONFIG = len(LogitKDConfig.__slots__)
+#: The position of ``reduction`` among them.
+REDUCTION_ARG = LogitKDConfig.__slots__.index("reduction")
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -172,12 +196,31 @@ def raise_flags(flags: int, ignore_index: int, vocab: int, many: bool) -> None:
         raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")
 
 
-def match_vocab(student, teachers):
-    """Vocabulary mismatch (SPEC §1b): keep the first min(V) entries of every side.
+def check_vocab_mismatch(vocab_mismatch) -> str:
+    return _checks.check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
+
+
+def vocab_mismatch_error(vocab_s: int, vocab_t: int, teacher: str = "teacher") -> ValueError:
+    """The error of SPEC §1b for different vocabulary sizes, with the two ways out."""
+    return ValueError(
+        f"student vocabulary V_s = {vocab_s} but {teacher} vocabulary V_t = {vocab_t}. If they "
+        f"share a tokenizer and one is padded, pass vocab_mismatch='truncate' (the first "
+        f"min(V_s, V_t) entries are compared); for teachers with another tokenizer use "
+        f"divergence='uld'")
+
+
+def match_vocab(student, teachers, vocab_mismatch="error"):
+    """Vocabulary mismatch (SPEC §1b): ``"error"`` raises :func:`vocab_mismatch_error`;
+    ``"truncate"`` keeps the first min(V) entries of every side.
 
     Slicing is the same as masking the extra entries with -inf before the softmax (they get
     probability 0 and a zero gradient) without reading them; the slices are views.
     """
+    for i, t in enumerate(teachers):
+        if t.shape[-1] != student.shape[-1] and vocab_mismatch != "truncate":
+            raise vocab_mismatch_error(student.shape[-1], t.shape[-1],
+                                       f"teacher_logits[{i}]" if len(teachers) > 1
+                                       else "teacher_logits")
     vocab = min([student.shape[-1]] + [t.shape[-1] for t in teachers])
     if student.shape[-1] != vocab:
         student = student[..., :vocab]

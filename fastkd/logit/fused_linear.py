@@ -28,7 +28,8 @@ from fastkd._dtypes import work_dtype
 from fastkd._reduce import check_num_items, mean_count, reduce_rows
 from fastkd.logit import topk as _topk
 from fastkd.logit import vocab_parallel
-from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, as_rows, raise_flags
+from fastkd.logit.config import (CONFIG_SCHEMA, N_CONFIG, REDUCTION_ARG, LogitKDConfig, as_rows,
+                                 check_vocab_mismatch, raise_flags, vocab_mismatch_error)
 from fastkd.logit.ops import KERNELS
 from fastkd.logit.reference import kd_rows_reference, kd_rows_topk_reference
 
@@ -245,8 +246,8 @@ def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     float32 loss (scalar, or ``[N]`` with ``"none"``) and, for ``"mean"``/``"sum"``, the
     gradients asked for by ``need`` (others, and all with ``"none"``, are ``[0]``
     placeholders: ``"none"`` computes them in ``fastkd::fused_linear_kd_backward``)."""
-    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:14]
-    num_items = rest[14] if len(rest) > 14 else None
+    cfg_args, (chunk, vocab, kind, need, backend) = rest[:N_CONFIG], rest[N_CONFIG:N_CONFIG + 5]
+    num_items = rest[N_CONFIG + 5] if len(rest) > N_CONFIG + 5 else None
     plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
     inputs = (hs, ws, bs, ht, wt, bt, tl)
     if kind == "topk":
@@ -258,7 +259,7 @@ def fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
 
 @fused_linear_kd_op.register_fake
 def _fused_linear_fake(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
-    reduction, need = rest[8], rest[12]
+    reduction, need = rest[REDUCTION_ARG], rest[N_CONFIG + 3]
     loss = hs.new_empty((hs.shape[0],) if reduction == "none" else (), dtype=torch.float32)
     inputs = (hs, ws, bs, ht, wt, bt, tl)
     return (loss,) + tuple(x.new_empty(x.shape) if (n and reduction != "none" and x is not None)
@@ -270,7 +271,7 @@ def _fused_linear_fake(hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
                          schema=FUSED_LINEAR_BWD_SCHEMA)
 def fused_linear_kd_backward_op(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
     """``reduction="none"``: the chunks recomputed with the per-row incoming gradients."""
-    cfg_args, (chunk, vocab, kind, need, backend) = rest[:9], rest[9:]
+    cfg_args, (chunk, vocab, kind, need, backend) = rest[:N_CONFIG], rest[N_CONFIG:]
     plan = _plan_from(cfg_args, chunk, vocab, kind, backend)
     with _custom_op.kernel_context(hs.device):
         _, _, grads = _run_chunks(plan, target, hs, ws, bs, ht, wt, bt, tl, idx, lp, list(need),
@@ -280,15 +281,15 @@ def fused_linear_kd_backward_op(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, i
 
 @fused_linear_kd_backward_op.register_fake
 def _fused_linear_bwd_fake(grad_rows, hs, ws, bs, ht, wt, bt, tl, target, idx, lp, *rest):
-    need = rest[12]
+    need = rest[N_CONFIG + 3]
     return tuple(x.new_empty(x.shape) if (n and x is not None)
                  else _custom_op.placeholder(x if x is not None else hs)
                  for x, n in zip((hs, ws, bs, ht, wt, bt, tl), need))
 
 
 def _fused_linear_setup(ctx, inputs, output):
-    rest = inputs[10:24]  # the configuration and the plan; num_items only matters in forward
-    ctx.reduction, ctx.need = rest[8], list(rest[12])
+    rest = inputs[10:15 + N_CONFIG]  # the configuration and the plan (num_items: forward only)
+    ctx.reduction, ctx.need = rest[REDUCTION_ARG], list(rest[N_CONFIG + 3])
     ctx.rest = rest
     if ctx.reduction == "none":
         ctx.save_for_backward(*inputs[:10])
@@ -307,7 +308,7 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
         grads = [g if n else None for g, n in zip(out, ctx.need)]
     else:
         grads = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "FusedLinearKDLoss")
-    return tuple(grads) + (None,) * (3 + 9 + 5 + 1)
+    return tuple(grads) + (None,) * (3 + N_CONFIG + 5 + 1)
 
 
 fused_linear_kd_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
@@ -397,9 +398,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
                          teacher_weight=None, target=None, student_bias=None, teacher_bias=None,
                          teacher_logits=None, *, cfg: LogitKDConfig, teacher_topk=None,
                          teacher_weights=None, backend="auto", chunk_size=None,
-                         process_group=None, num_items_in_batch=None):
+                         process_group=None, num_items_in_batch=None, vocab_mismatch="error"):
     """See :class:`fastkd.FusedLinearKDLoss`; ``cfg`` is the validated configuration."""
     backend = _backend.check_backend_name(backend)
+    vocab_mismatch = check_vocab_mismatch(vocab_mismatch)
     if teacher_weights is not None and teacher_topk is None:
         _checks.check_weights("teacher_weights", teacher_weights, 1)
     chunk_size = check_chunk_size(chunk_size)
@@ -410,6 +412,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
     vocab_t = _check_teacher(kind, lead, teacher_hidden, teacher_weight, teacher_bias,
                              teacher_logits)
     vocab_s = student_weight.shape[0]
+    if kind != "topk" and vocab_s != vocab_t and vocab_mismatch != "truncate" \
+            and cfg.divergence != "uld":
+        raise vocab_mismatch_error(vocab_s, vocab_t)
     vocab = vocab_s if kind == "topk" else min(vocab_s, vocab_t)
     _check_target(target, lead)
     _checks.check_same_device(student_hidden=student_hidden, student_weight=student_weight,

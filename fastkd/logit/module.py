@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _backend, _checks, functional
-from fastkd.logit.config import LogitKDConfig
+from fastkd.logit.config import LogitKDConfig, check_vocab_mismatch
 from fastkd.logit.fused_linear import check_chunk_size
 
 
@@ -18,6 +18,7 @@ def _init_logit_module(module, args, n_teachers=None):
         weights = _checks.check_weights("teacher_weights", weights, n)
     module.teacher_weights = weights
     module.backend = _backend.check_backend_name(args["backend"])
+    module.vocab_mismatch = check_vocab_mismatch(args["vocab_mismatch"])
     module.process_group = args["process_group"]
     for key, value in module._config.items():
         setattr(module, key, value)
@@ -47,10 +48,16 @@ class KDLoss(torch.nn.Module):
     - ``"jsd"``: :math:`\beta\,\mathrm{KL}(p\|m) + (1-\beta)\,\mathrm{KL}(q\|m)`,
       :math:`m = \beta p + (1-\beta) q`; ``beta=0`` is exactly ``"kl"``, ``beta=1`` exactly
       ``"reverse_kl"``,
-    - ``"tvd"``: :math:`\tfrac12\sum_v |p_v - q_v|`.
+    - ``"tvd"``: :math:`\tfrac12\sum_v |p_v - q_v|`,
+    - ``"uld"``: Universal Logit Distillation (Boizard et al. 2024), for a teacher with another
+      tokenizer: :math:`p` and :math:`q` each sorted in decreasing order, the shorter padded
+      with zeros, :math:`\sum_j |p_{(j)} - q_{(j)}|` (with ``uld_top=k``: over the k largest
+      of each); any :math:`V_t`, one teacher.
 
     With several teachers (``teacher_logits`` a list), :math:`p = \sum_i w_i\,\mathrm{softmax}(t_i/T)`
-    with ``teacher_weights`` normalised to sum 1 (default: equal).
+    with ``teacher_weights`` normalised to sum 1 (default: equal); with
+    ``teacher_mixture="logprob"`` the normalised geometric mean
+    :math:`\log p = \sum_i w_i \log\mathrm{softmax}(t_i/T) - \mathrm{logsumexp}_v(\cdot)`.
 
     The CE term is computed only when ``target`` is given and ``hard_weight != 0``; it is
     ``F.cross_entropy(s, y, label_smoothing=...)`` at temperature 1. Masked vocabulary entries
@@ -69,7 +76,8 @@ class KDLoss(torch.nn.Module):
         temperature (float): :math:`T > 0`. Default: 1.0.
         soft_weight (float): weight of the distillation term. Default: 1.0.
         hard_weight (float): weight of the hard-label CE term. Default: 0.0.
-        divergence (str): ``"kl"`` | ``"reverse_kl"`` | ``"jsd"`` | ``"tvd"``. Default: ``"kl"``.
+        divergence (str): ``"kl"`` | ``"reverse_kl"`` | ``"jsd"`` | ``"tvd"`` | ``"uld"``.
+            Default: ``"kl"``.
         beta (float): JSD mixing weight in [0, 1]. Default: 0.5.
         t2_scale (bool): multiply the soft term by :math:`T^2`. Default: True.
         ignore_index (int): target value whose rows are skipped. Default: -100.
@@ -77,6 +85,12 @@ class KDLoss(torch.nn.Module):
         reduction (str): ``"mean"`` | ``"sum"`` | ``"none"`` (``"batchmean"`` = ``"mean"``).
         teacher_weights (sequence of float, optional): mixing weights of several teachers.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
+        teacher_mixture (str): ``"prob"`` (mix probabilities) | ``"logprob"`` (mix
+            log-probabilities, then normalise). Default: ``"prob"``.
+        uld_top (int, optional): with ``divergence="uld"``, compare only the k largest
+            probabilities of each side. Default: None (all).
+        vocab_mismatch (str): ``"error"`` | ``"truncate"``: what a teacher whose vocabulary
+            size differs from the student's does (see below). Default: ``"error"``.
         process_group (``torch.distributed`` group, optional): vocabulary parallelism. Every
             rank of the group holds the same rows and a contiguous shard of the vocabulary
             (rank order = column order, sizes may differ) of the student and teacher logits,
@@ -87,9 +101,12 @@ class KDLoss(torch.nn.Module):
             a group of one rank is the same).
 
     Vocabulary mismatch: if a teacher's last dimension :math:`V_t` differs from the student's
-    :math:`V_s`, the first :math:`\min(V_s, V_t)` entries are compared and the extra entries of
-    the longer side are masked out (as if ``-inf``) before both softmaxes, the hard CE included:
-    they get zero gradient and ``target`` must lie in :math:`[0, \min(V_s, V_t))`.
+    :math:`V_s`, ``vocab_mismatch="error"`` raises ``ValueError`` naming both sizes; with
+    ``"truncate"`` (a padded vocabulary of the same tokenizer) the first
+    :math:`\min(V_s, V_t)` entries are compared and the extra entries of the longer side are
+    masked out (as if ``-inf``) before both softmaxes, the hard CE included: they get zero
+    gradient and ``target`` must lie in :math:`[0, \min(V_s, V_t))`. ``divergence="uld"``
+    compares any two vocabularies (another tokenizer).
 
     Sparse teacher (offline KD): ``teacher_topk=(indices, logprobs)``, each :math:`(*, k)`, in
     place of ``teacher_logits``: the teacher's k listed vocabulary entries (distinct,
@@ -138,7 +155,8 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
-                 reduction="mean", teacher_weights=None, backend="auto", process_group=None):
+                 reduction="mean", teacher_weights=None, backend="auto", process_group=None,
+                 teacher_mixture="prob", uld_top=None, vocab_mismatch="error"):
         super().__init__()
         _init_logit_module(self, locals())
 
@@ -148,7 +166,7 @@ class KDLoss(torch.nn.Module):
                                   teacher_weights=self.teacher_weights, backend=self.backend,
                                   teacher_topk=teacher_topk, process_group=self.process_group,
                                   num_items_in_batch=num_items_in_batch,
-                                  **_current_config(self))
+                                  vocab_mismatch=self.vocab_mismatch, **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
@@ -219,7 +237,8 @@ class FusedLinearKDLoss(torch.nn.Module):
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                  reduction="mean", teacher_weights=None, backend="auto", chunk_size=None,
-                 process_group=None):
+                 process_group=None, teacher_mixture="prob", uld_top=None,
+                 vocab_mismatch="error"):
         super().__init__()
         _init_logit_module(self, locals())
         self.chunk_size = check_chunk_size(chunk_size)
@@ -232,7 +251,8 @@ class FusedLinearKDLoss(torch.nn.Module):
             teacher_bias, teacher_logits, teacher_topk=teacher_topk,
             teacher_weights=self.teacher_weights, backend=self.backend,
             chunk_size=self.chunk_size, process_group=self.process_group,
-            num_items_in_batch=num_items_in_batch, **_current_config(self))
+            num_items_in_batch=num_items_in_batch, vocab_mismatch=self.vocab_mismatch,
+            **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "

@@ -14,8 +14,9 @@ import torch
 from fastkd import _backend, _checks, _custom_op, _ext
 from fastkd._reduce import check_num_items, mean_count, reduce_rows
 from fastkd.logit import topk
-from fastkd.logit.config import (CONFIG_SCHEMA, LogitKDConfig, as_rows, match_vocab,
-                                 raise_flags, unit_stride, validate_inputs)
+from fastkd.logit.config import (CONFIG_SCHEMA, N_CONFIG, REDUCTION_ARG, LogitKDConfig, as_rows,
+                                 check_vocab_mismatch, match_vocab, raise_flags, unit_stride,
+                                 validate_inputs)
 from fastkd.logit.reference import kd_rows_reference
 
 
@@ -33,6 +34,8 @@ def _triton_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, 
 
 
 KERNELS = {"cpu": _ext_kernel, "cuda": _ext_kernel, "triton": _triton_kernel}
+#: The backends whose kernels mix several teachers in log space (teacher_mixture="logprob").
+LOG_MIXTURE_KERNELS: set[str] = set()
 
 
 def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
@@ -60,7 +63,8 @@ LOGIT_KD_SCHEMA = (
                          schema=LOGIT_KD_SCHEMA, **_custom_op.host_sync_tags())
 def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                 divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                need_grad_student, need_grad_teachers, backend, num_items=None):
+                teacher_mixture, uld_top, need_grad_student, need_grad_teachers, backend,
+                num_items=None):
     """``fastkd::logit_kd``: the fused kernel of ``backend`` (cpu, cuda, triton) on rows.
 
     ``student`` ``[N, V]``, ``teachers`` ``[N, V]`` each in one dtype, ``target`` ``[N]`` int64
@@ -73,10 +77,14 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
     from the kernel's flags.
     """
     cfg = LogitKDConfig.from_args((temperature, soft_weight, hard_weight, divergence, beta,
-                                   t2_scale, ignore_index, label_smoothing, reduction))
+                                   t2_scale, ignore_index, label_smoothing, reduction,
+                                   teacher_mixture, uld_top))
     student = unit_stride(student)
     teachers = [unit_stride(t) for t in teachers]
     tgt = None if target is None else target.contiguous()
+    if cfg.log_mixture and len(teachers) > 1 and backend not in LOG_MIXTURE_KERNELS:
+        raise NotImplementedError(f"teacher_mixture='logprob' has no {backend!r} kernel yet; "
+                                  f"use backend='reference'")
     with _custom_op.kernel_context(student.device):
         count = mean_count(tgt, cfg.ignore_index, student.shape[0], student.device, num_items)
         grad_scale = (1.0 / count).reshape(1) if cfg.reduction == "mean" else None
@@ -95,7 +103,8 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
 @logit_kd_op.register_fake
 def _logit_kd_fake(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                    divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                   need_grad_student, need_grad_teachers, backend, num_items=None):
+                   teacher_mixture, uld_top, need_grad_student, need_grad_teachers, backend,
+                   num_items=None):
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (),
                              dtype=torch.float32)
     grad_s = student.new_empty(student.shape) if need_grad_student \
@@ -106,7 +115,8 @@ def _logit_kd_fake(student, teachers, target, weights, temperature, soft_weight,
 
 
 def _logit_kd_setup(ctx, inputs, output):
-    *_, reduction, need_s, need_t, _backend_name, _num_items = inputs
+    reduction = inputs[4 + REDUCTION_ARG]
+    need_s, need_t = inputs[4 + N_CONFIG], inputs[5 + N_CONFIG]
     _, grad_s, grad_t = output
     ctx.reduction = reduction
     _custom_op.save_gradients(ctx, [grad_s, *grad_t], [need_s, *need_t])
@@ -119,21 +129,30 @@ def _logit_kd_backward(ctx, grad_loss, _grad_s, _grad_t):
     else:
         grads = _custom_op.scale_saved(ctx, saved, grad_loss, "KD loss",
                                        per_row=ctx.reduction == "none")
-    return (grads[0], list(grads[1:])) + (None,) * 15
+    return (grads[0], list(grads[1:])) + (None,) * (N_CONFIG + 6)
 
 
 logit_kd_op.register_autograd(_logit_kd_backward, setup_context=_logit_kd_setup)
 
 
 def kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, teacher_weights=None,
-            backend="auto", teacher_topk=None, num_items_in_batch=None):
+            backend="auto", teacher_topk=None, num_items_in_batch=None, vocab_mismatch="error"):
     """Single-process logit KD for a validated ``cfg``; see :func:`fastkd.functional.kd_loss`."""
     backend = _backend.check_backend_name(backend)
+    vocab_mismatch = check_vocab_mismatch(vocab_mismatch)
+    if cfg.divergence == "uld":
+        from fastkd.logit import uld
+        return uld.kd_loss_uld(student_logits, teacher_logits, target, cfg, backend=backend,
+                               teacher_topk=teacher_topk, teacher_weights=teacher_weights,
+                               num_items_in_batch=num_items_in_batch)
     if teacher_topk is not None or teacher_logits is None:
+        if cfg.log_mixture and teacher_topk is not None:
+            raise ValueError("teacher_mixture='logprob' applies to dense teacher_logits, not to "
+                             "teacher_topk")
         return _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
                              teacher_weights, num_items_in_batch)
     student, teachers, target = validate_inputs(student_logits, teacher_logits, target)
-    student, teachers = match_vocab(student, teachers)
+    student, teachers = match_vocab(student, teachers, vocab_mismatch)
     weights = _checks.check_weights("teacher_weights", teacher_weights, len(teachers))
     lead_shape = student.shape[:-1]
     name = _backend.select_backend(backend, student.device,

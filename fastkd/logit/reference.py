@@ -12,7 +12,7 @@ import torch
 from fastkd import _custom_op
 from fastkd._dtypes import work_dtype
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "uld")
 
 
 def _masked_pterm(prob, logprob, other_log):
@@ -100,13 +100,32 @@ def _checked_rows_fake(student, teachers, target, ignore_index):
     return student.new_empty(student.shape[:1], dtype=torch.bool)
 
 
+def _log_mixture(logps, weights):
+    """Normalised geometric mean of the teachers (``teacher_mixture="logprob"``):
+    ``log p = sum_i w_i log p_i - logsumexp_v(sum_i w_i log p_i)``. A teacher of weight 0 is
+    left out (0 * -inf would be NaN); an entry masked in any other teacher stays -inf."""
+    terms = [w * lp for lp, w in zip(logps, weights) if w > 0]
+    mixed = torch.stack(terms).sum(0)
+    masked = mixed == -math.inf
+    safe = torch.where(masked, torch.zeros_like(mixed), mixed)
+    all_masked = masked.all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(masked, torch.full_like(mixed, -math.inf), safe), -1,
+                          keepdim=True)
+    lse = torch.where(all_masked, torch.zeros_like(lse), lse)
+    return torch.where(masked, torch.full_like(mixed, -math.inf), safe - lse)
+
+
 def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_weight, hard_weight,
-                      divergence, beta, t2_scale, ignore_index, label_smoothing):
+                      divergence, beta, t2_scale, ignore_index, label_smoothing,
+                      teacher_mixture="prob", uld_top=None):
     """Per-row KD loss, ``[N]``, for 2-D ``student`` ``[N, V]``, a list of 2-D ``teachers``.
 
-    ``weights`` are the normalised teacher weights. Rows whose target is ``ignore_index`` are 0.
-    Computes in float64 if any input is float64, else float32. Raises ``ValueError`` for a target
-    outside [0, V) or a counted row that is -inf everywhere (SPEC §Errors).
+    ``weights`` are the normalised teacher weights, mixed as probabilities
+    (``teacher_mixture="prob"``) or as log-probabilities (``"logprob"``, :func:`_log_mixture`).
+    Rows whose target is ``ignore_index`` are 0. Computes in float64 if any input is float64,
+    else float32. Raises ``ValueError`` for a target outside [0, V) or a counted row that is
+    -inf everywhere (SPEC §Errors), in a teacher or in the log mixture. ``uld_top`` belongs to
+    ``divergence="uld"`` (:mod:`fastkd.logit.uld`), not to this function.
     """
     dtype = work_dtype(student, *teachers)
     # The data-dependent checks run inside an opaque op (no graph break under torch.compile).
@@ -122,6 +141,11 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
     logps = [torch.log_softmax(t / temperature, dim=-1) for t in ts]
     if len(logps) == 1:
         logp = logps[0]
+    elif teacher_mixture == "logprob":
+        logp = _log_mixture(logps, weights)
+        if bool(((logp == -math.inf).all(-1) & valid).any()):
+            raise ValueError("teacher_logits: the log mixture of the teachers has a row that is "
+                             "-inf everywhere (their unmasked entries do not overlap)")
     else:
         stacked = torch.stack([lp + math.log(w) if w > 0 else torch.full_like(lp, -math.inf)
                                for lp, w in zip(logps, weights)])
@@ -231,7 +255,7 @@ def topk_mixture_bucket_logprobs(student, teachers, weights, temperature):
 
 def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, soft_weight,
                            hard_weight, divergence, beta, t2_scale, ignore_index,
-                           label_smoothing, weights=None):
+                           label_smoothing, weights=None, teacher_mixture="prob", uld_top=None):
     """Per-row KD loss ``[N]`` against a sparse top-k teacher (SPEC §1b): D over the k + 1
     buckets of :func:`topk_bucket_logprobs`, plus the hard CE term as in
     :func:`kd_rows_reference`. ``student`` ``[N, V]``, ``indices`` ``[N, k]`` int64 (-1: an

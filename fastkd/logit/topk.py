@@ -23,7 +23,8 @@ import torch
 from fastkd import _checks, _custom_op, _ext
 from fastkd._dtypes import work_dtype
 from fastkd._reduce import mean_count, reduce_rows
-from fastkd.logit.config import CONFIG_SCHEMA, LogitKDConfig, raise_flags, unit_stride
+from fastkd.logit.config import (CONFIG_SCHEMA, N_CONFIG, REDUCTION_ARG, LogitKDConfig,
+                                 raise_flags, unit_stride)
 from fastkd.logit.reference import (_log_mix, checked_rows, divergence_rows, jsd_endpoint,
                                     kd_rows_topk_reference)
 from fastkd.logit.topk_teacher import TopKTeacher, merge_topk_teachers, resolve_teacher_topk
@@ -325,15 +326,15 @@ def logit_kd_topk_op(student, indices, logprobs, target, *rest):
     Returns ``(loss, grad_student)`` (the gradient computed in forward, or a ``[0]``
     placeholder); raises the data-dependent errors (indices, logprobs, target, -inf rows).
     ``num_items``: the denominator of ``"mean"`` (SPEC §1e), or None for this call's count."""
-    cfg = LogitKDConfig.from_args(rest[:9])
-    need = bool(rest[9])
-    num_items = rest[11] if len(rest) > 11 else None
+    cfg = LogitKDConfig.from_args(rest[:N_CONFIG])
+    need = bool(rest[N_CONFIG])
+    num_items = rest[N_CONFIG + 2] if len(rest) > N_CONFIG + 2 else None
     check_topk_data(indices, logprobs, student.shape[-1])
     with _custom_op.kernel_context(student.device):
         count = mean_count(target, cfg.ignore_index, student.shape[0], student.device,
                            num_items).to(work_dtype(student))
         grad_scale = (1.0 / count) if cfg.reduction == "mean" else None
-        kernel = FUSED_KERNELS.get(rest[10])
+        kernel = FUSED_KERNELS.get(rest[N_CONFIG + 1])
         if kernel is None:
             rows, grad = topk_rows_and_grad(student, indices, logprobs, target, cfg, grad_scale,
                                             need)
@@ -350,23 +351,26 @@ def logit_kd_topk_op(student, indices, logprobs, target, *rest):
 
 @logit_kd_topk_op.register_fake
 def _topk_fake(student, indices, logprobs, target, *rest):
-    reduction, need = rest[8], rest[9]
+    reduction, need = rest[REDUCTION_ARG], rest[N_CONFIG]
     dtype = work_dtype(student)
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
     return loss, student.new_empty(student.shape) if need else _custom_op.placeholder(student)
 
 
 def _topk_setup(ctx, inputs, output):
-    ctx.reduction = inputs[12]
-    _custom_op.save_gradients(ctx, [output[1]], [inputs[13]])
+    ctx.reduction = inputs[4 + REDUCTION_ARG]
+    _custom_op.save_gradients(ctx, [output[1]], [inputs[4 + N_CONFIG]])
+
+
+_TOPK_INPUTS = 4 + N_CONFIG + 3  # tensors, configuration, need_grad, backend, num_items
 
 
 def _topk_backward(ctx, grad_loss, _grad):
     if grad_loss is None:
-        return (None,) * 16
+        return (None,) * _TOPK_INPUTS
     (g,) = _custom_op.scale_saved(ctx, ctx.saved_tensors, grad_loss, "KD loss (teacher_topk)",
                                   per_row=ctx.reduction == "none")
-    return (g,) + (None,) * 15
+    return (g,) + (None,) * (_TOPK_INPUTS - 1)
 
 
 logit_kd_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)

@@ -557,7 +557,8 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, target=None, *, proce
                            temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                            beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                            reduction="mean", teacher_weights=None, backend="auto",
-                           chunk_rows=None, num_items_in_batch=None):
+                           chunk_rows=None, num_items_in_batch=None, teacher_mixture="prob",
+                           uld_top=None, vocab_mismatch="error"):
     r"""Logit KD (SPEC §1, §1c) on logits whose vocabulary is sharded over ``process_group``.
 
     Rank ``r`` of the group passes the columns ``[V_0 + ... + V_{r-1}, + V_r)`` of the student
@@ -586,18 +587,21 @@ def vocab_parallel_kd_loss(student_logits, teacher_logits, target=None, *, proce
     return sharded_kd_loss(student_logits, teacher_logits, target, cfg,
                            process_group=process_group, teacher_weights=teacher_weights,
                            backend=backend, chunk_rows=chunk_rows,
-                           num_items_in_batch=num_items_in_batch)
+                           num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
 
 
 def sharded_kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *,
                     process_group, teacher_weights=None, backend="auto", chunk_rows=None,
-                    num_items_in_batch=None):
+                    num_items_in_batch=None, vocab_mismatch="error"):
     """:func:`vocab_parallel_kd_loss` for a validated ``cfg``."""
     if not is_parallel(process_group):
         return ops.kd_loss(student_logits, teacher_logits, target, cfg,
                            teacher_weights=teacher_weights, backend=backend,
-                           num_items_in_batch=num_items_in_batch)
+                           num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
     _backend.check_backend_name(backend)
+    if cfg.divergence == "uld" or cfg.log_mixture:
+        raise ValueError("with a process_group (vocabulary-parallel KD), divergence='uld' and "
+                         "teacher_mixture='logprob' are not supported")
     student, teachers, target = validate_inputs(student_logits, teacher_logits, target)
     for i, t in enumerate(teachers):
         if t.shape != student.shape:
