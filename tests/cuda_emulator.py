@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = [CSRC / "cuda" / "logit_kd.cu", CSRC / "cuda" / "feature_kd.cu",
-                  CSRC / "cuda" / "relation_kd.cu"]
+KERNEL_SOURCES = [CSRC / "cuda" / "logit_kd.cu", CSRC / "cuda" / "logit_topk.cu",
+                  CSRC / "cuda" / "feature_kd.cu", CSRC / "cuda" / "relation_kd.cu"]
 RUNTIME_SOURCES = [CSRC / "emu" / "runtime.cpp", CSRC / "emu" / "describe.cpp",
                    CSRC / "emu" / "kernel_table.cpp"]
 #: Test-only kernels with planted bugs (each must make the emulator fire).

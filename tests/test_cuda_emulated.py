@@ -23,11 +23,17 @@ import cuda_emulator
 import fastkd
 from fastkd import _ext
 from fastkd.functional import kd_loss
+from fastkd.logit import topk as topk_ops
+from fastkd.logit.config import FLAG_STUDENT_MASKED, FLAG_TARGET, LogitKDConfig
+from fastkd.logit.reference import kd_rows_topk_reference
 from fastkd.relation import ops as relation_ops
 
+from _helpers import assert_close_grad, assert_close_loss
 from test_feature import _check as feature_check, _make as feature_make
 from test_logit import _case, _check as logit_check, _run as logit_run
 from test_relation import _compare as relation_compare, _features
+from test_topk_kernels import Kernel, _check as topk_check, _run as topk_run
+from test_topk_kernels import _student as topk_student, _teacher as topk_teacher
 
 pytestmark = [
     pytest.mark.skipif(_ext._C is None, reason="fastkd._C is not built"),
@@ -148,6 +154,31 @@ def test_logit_several_teachers(on_device, divergence):
         logit_check(got, ref, dtype)
 
 
+@pytest.mark.parametrize("divergence", DIVS)
+def test_logit_log_mixture(on_device, divergence):
+    """teacher_mixture="logprob" (the mixture is one teacher of logits sum_i w_i t_i): 2-3
+    teachers (one of weight 0), -inf shared by all and (but reverse KL, infinite there) in one
+    teacher only, teacher gradients, every dtype, T in {1, 2.5}."""
+    for nt, dtype, vocab, temp in [(2, torch.float32, 100, 2.5), (3, torch.bfloat16, 4099, 1.0),
+                                   (3, torch.float16, 7, 2.5)]:
+        s, ts, y = _case(3, vocab, dtype, "cpu", n_teachers=nt, mask=True, seed=nt)
+        if divergence != "reverse_kl":
+            ts[0][:, 2] = -math.inf
+        got, ref = logit_run("cpu", s, ts, y, teacher_grad=True, divergence=divergence,
+                             temperature=temp, beta=0.7, hard_weight=0.3,
+                             teacher_weights=[3.0, 1.0, 0.0][:nt], teacher_mixture="logprob")
+        logit_check(got, ref, dtype)
+
+
+def test_logit_log_mixture_disjoint_raises(on_device):
+    """A counted row whose teachers' unmasked entries do not overlap: ValueError (kernel flag)."""
+    s, ts, y = _case(3, 100, torch.float32, "cpu", n_teachers=2, ignore=False)
+    ts[0][2, :50] = -math.inf
+    ts[1][2, 50:] = -math.inf
+    with pytest.raises(ValueError, match="log mixture"):
+        kd_loss(s, ts, y, backend="cpu", teacher_mixture="logprob")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logit_misaligned_rows_and_mixed_dtypes(on_device, dtype):
     """Row views that start off the 16-byte boundary: every row equally misaligned (row stride a
@@ -251,3 +282,235 @@ def test_relation_matches_reference(on_device, small_tiles, loss, dtype):
         xs = _features(b, ds, dtype, "cpu", seed=b)
         xt = _features(b, dt, dtype, "cpu", seed=b + 1, offset=0.5)
         relation_compare(loss, xs, xt, "cpu", reduction="mean")
+
+
+# ------------------------------------------------------------------------------------------- top-k
+# The fused top-k kernel (csrc/cuda/logit_topk.cu) through the cpu backend's glue, emulated: the
+# cases of test_topk_kernels.py (same helpers and tolerances) at the CUDA launch configuration
+# (128 threads for V <= 4096, 256 above; byte-map windows of 32768 entries).
+TOPK = Kernel(lambda *args, **_launch: topk_ops.FUSED_KERNELS["cpu"](*args), "cpu")
+
+
+def _topk_launches(emu):
+    return [e["kernel"] for e in emu.take_launch_log() if "logit_topk" in e["kernel"]]
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_topk_matches_reference(on_device, divergence):
+    """k = 1, 20, V (empty residual) at V = 100 (128 threads) and V = 4099 (256 threads, a
+    partial chunk); T = 1 and 2.5; hard CE (label smoothing at T = 2.5), an ignored row,
+    grad_scale. Every launch is the CUDA kernel's."""
+    on_device.take_launch_log()
+    for vocab, temperature in [(100, 1.0), (4099, 2.5)]:
+        for case, k in enumerate([1, 20, vocab]):
+            idx, lp = topk_teacher(3, vocab, k, temperature, seed=case)
+            s = topk_student(3, vocab, seed=case)
+            y = torch.randint(0, vocab, (3,), generator=torch.Generator().manual_seed(case))
+            y[1] = -100
+            cfg = LogitKDConfig(temperature=temperature, divergence=divergence, beta=0.3,
+                                hard_weight=0.5,
+                                label_smoothing=0.1 if temperature != 1.0 else 0.0)
+            rows, grad = topk_check(TOPK, s, idx, lp, y, cfg, what=f"V={vocab} k={k}",
+                                    grad_scale=0.25)
+            assert rows[1] == 0 and (grad[1] == 0).all()
+    assert _topk_launches(on_device) == ["logit_topk_kernel<128, 6>"] * 3 + \
+        ["logit_topk_kernel<256, 3>"] * 3
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype,device", [(torch.bfloat16, A100), (torch.float16, H100)],
+                         ids=["bf16-a100", "fp16-h100"])
+def test_topk_half_student(divergence, dtype, device):
+    """Half-precision students, gradient in their dtype; V = 257 and 4100."""
+    with _emulated(device):
+        for vocab in (257, 4100):
+            idx, lp = topk_teacher(3, vocab, 20, 2.0, seed=7)
+            s = topk_student(3, vocab, seed=7, dtype=dtype)
+            cfg = LogitKDConfig(temperature=2.0, divergence=divergence, beta=0.7, t2_scale=False)
+            topk_check(TOPK, s, idx, lp, None, cfg, what=f"V={vocab}")
+
+
+def test_topk_jsd_endpoints(on_device):
+    """JSD at beta 0 / 1 is KL / reverse KL exactly (as the cpu kernel maps it)."""
+    idx, lp = topk_teacher(3, 100, 10, 3.0, seed=3, dtype=torch.float32)
+    s = topk_student(3, 100, seed=3)
+    for beta, other in ((0.0, "kl"), (1.0, "reverse_kl")):
+        cfg = LogitKDConfig(temperature=3.0, divergence="jsd", beta=beta, soft_weight=0.7)
+        rows, grad = topk_check(TOPK, s, idx, lp, None, cfg, what=f"beta={beta}")
+        cfg2 = LogitKDConfig(temperature=3.0, divergence=other, soft_weight=0.7)
+        rows2, grad2, _ = TOPK(s, idx, lp, None, cfg2, None, True)
+        assert torch.equal(rows, rows2) and torch.equal(grad, grad2)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_topk_residual_edges(on_device, divergence):
+    """Listed mass 1 + 5e-4 (P_res = 0, the excess counts); every unlisted entry -inf (empty
+    residual); a residual of ~1e-9 (summed directly, not as 1 - sum Q_j)."""
+    k = 12
+    idx, lp = topk_teacher(3, 64, k, 1.0, seed=11, dtype=torch.float32)
+    lp = (torch.log_softmax(lp.double(), -1) + math.log1p(5e-4)).float()
+    s = topk_student(3, 64, seed=11)
+    cfg = LogitKDConfig(divergence=divergence, beta=0.4)
+    if divergence != "reverse_kl":
+        topk_check(TOPK, s, idx, lp, None, cfg, what="excess")
+    else:  # P_res = 0 < Q_res: infinite
+        rows, _, ref, _ = topk_run(TOPK, s, idx, lp, None, cfg)
+        assert torch.isinf(ref).all() and torch.isinf(rows).all()
+    masked = torch.full_like(s, -math.inf).scatter(-1, idx, s.gather(-1, idx))
+    _, lp2 = topk_teacher(3, 64, k, 1.0, seed=12)
+    topk_check(TOPK, masked, idx, lp2, None, cfg, what="empty")
+    idx3, lp3 = topk_teacher(4, 200, 16, 1.0, seed=5)
+    g = torch.Generator().manual_seed(5)
+    tiny = torch.randn(4, 200, generator=g) - 25.0
+    tiny.scatter_(-1, idx3, torch.randn(4, 16, generator=g))
+    cfg = LogitKDConfig(divergence=divergence, beta=0.5, hard_weight=0.3)
+    topk_check(TOPK, tiny, idx3, lp3, idx3[:, 0].clone(), cfg, what="tiny")
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_topk_masked_and_extreme(on_device, divergence):
+    """Logits of +-1e4 (listed ones near +1e4, some listed and the rest near -1e4: the residual
+    ~e^-2e4, summed relative to its own max), at T = 1 with the hard CE and at T = 0.5; -inf
+    entries, unlisted and listed (where the divergence stays finite), with label smoothing."""
+    k, vocab = 16, 200
+    idx, lp = topk_teacher(4, vocab, k, 1.0, seed=5)
+    g = torch.Generator().manual_seed(6)
+    far = -1e4 + torch.randn(4, vocab, generator=g)
+    far.scatter_(-1, idx, 1e4 + torch.randn(4, k, generator=g))
+    far[0, idx[0, :4]] = -1e4
+    y = idx[:, 0].clone()
+    y[2] = int(torch.nonzero(~torch.zeros(vocab, dtype=torch.bool).scatter(0, idx[2], True))[0])
+    for temperature in (1.0, 0.5):
+        cfg = LogitKDConfig(temperature=temperature, divergence=divergence, beta=0.5,
+                            hard_weight=0.3)
+        rows, grad = topk_check(TOPK, far, idx, lp, y, cfg, what=f"far T={temperature}")
+        assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    idx, lp = topk_teacher(4, 150, 20, 2.0, seed=9)
+    s = topk_student(4, 150, seed=9)
+    unlisted = torch.ones(4, 150, dtype=torch.bool).scatter(-1, idx, False)
+    s[unlisted & (torch.arange(150) % 3 == 0)] = -math.inf
+    if divergence != "kl":  # Q = 0 < P is infinite for KL(P || Q)
+        s[0, idx[0, 3]] = -math.inf
+    cfg = LogitKDConfig(temperature=2.0, divergence=divergence, beta=0.3, hard_weight=1.0,
+                        label_smoothing=0.2)
+    topk_check(TOPK, s, idx, lp, idx[:, 1].clone(), cfg, what="masked")
+
+
+def _compact(idx, lp):
+    """Each row's non-empty slots first, -1 after (the same teacher without padding where every
+    row has the same count)."""
+    order = torch.argsort((idx < 0).to(torch.int8), dim=-1, stable=True)
+    return idx.gather(-1, order), lp.gather(-1, order)
+
+
+@pytest.mark.parametrize("divergence", DIVS)
+def test_topk_empty_slots(on_device, divergence):
+    """Slots of index -1 (rows with fewer entries, padding): P = Q = 0, their logprob not read
+    (NaN there), no gradient from them. Against the reference, and equal to the same teacher
+    without the padding."""
+    vocab, k = 300, 24
+    idx, lp = topk_teacher(4, vocab, k, 2.0, seed=21, dtype=torch.float32)
+    pad = torch.zeros(4, k, dtype=torch.bool)
+    pad[0, 20:] = True          # trailing padding
+    pad[1, ::3] = True          # interleaved
+    pad[3, 1:] = True           # one entry left
+    idx = idx.masked_fill(pad, -1)
+    lp_nan = lp.masked_fill(pad, math.nan)
+    s = topk_student(4, vocab, seed=21)
+    y = torch.tensor([3, 7, -100, 11])
+    cfg = LogitKDConfig(temperature=2.0, divergence=divergence, beta=0.3, hard_weight=0.4,
+                        label_smoothing=0.1)
+    rows, grad, flags = TOPK(s, idx, lp_nan, y, cfg, torch.tensor([0.5]), True)
+    assert int(flags) == 0
+    sd = s.double().requires_grad_()
+    ref = kd_rows_topk_reference(sd, idx, lp.double(), y, **cfg.reference_kwargs())
+    ref.backward(torch.full_like(ref, 0.5))
+    assert_close_loss(rows, ref, torch.float32, "padded loss")
+    assert_close_grad(grad, sd.grad, torch.float32, "padded grad")
+    # Row 1 without its padding: the same row of a k = 16 teacher.
+    keep = ~pad[1]
+    rows1, grad1, _ = TOPK(s[1:2], idx[1:2, keep], lp[1:2, keep], y[1:2], cfg,
+                           torch.tensor([0.5]), True)
+    torch.testing.assert_close(rows1[0], rows[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad1[0], grad[1], rtol=1e-5, atol=1e-9)
+    # Compacted order gives the same result as interleaved (-1 anywhere in the row).
+    cidx, clp = _compact(idx, lp_nan)
+    rows2, grad2, _ = TOPK(s, cidx, clp, y, cfg, torch.tensor([0.5]), True)
+    torch.testing.assert_close(rows2, rows, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad2, grad, rtol=1e-5, atol=1e-9)
+
+
+def test_topk_flags_loss_only_and_ignored_rows(on_device):
+    """Loss only (no gradient) equals the loss with it; an ignored row full of NaN stays out;
+    NaN in a counted row reaches its loss; a bad target and a counted all -inf row raise their
+    flags with loss 0 and gradient 0."""
+    idx, lp = topk_teacher(4, 50, 5, 1.0, seed=2)
+    s = topk_student(4, 50, seed=2)
+    s[2] = math.nan
+    y = torch.tensor([3, 7, 5, 9])
+    cfg = LogitKDConfig(hard_weight=1.0, label_smoothing=0.1, ignore_index=5)
+    rows, grad, ref, _ = topk_run(TOPK, s, idx, lp, y, cfg)
+    assert rows[2] == 0 and (grad[2] == 0).all() and torch.isfinite(grad).all()
+    assert_close_loss(rows, ref, torch.float32)
+    rows2, none, flags = TOPK(s, idx, lp, y, cfg, None, False)
+    assert none is None and int(flags) == 0 and torch.equal(rows2, rows)
+    s_nan = s.clone()
+    s_nan[3, int(idx[3, 0])] = math.nan
+    s_nan[0, [i for i in range(50) if i not in idx[0].tolist()][0]] = math.nan
+    rows3, _, flags = TOPK(s_nan, idx, lp, y, cfg, None, True)
+    assert int(flags) == 0 and torch.isnan(rows3[[0, 3]]).all() and torch.isfinite(rows3[1])
+    s[1] = -math.inf
+    y[0] = 50
+    rows4, grad4, flags = TOPK(s, idx, lp, y, cfg, None, True)
+    assert int(flags) == FLAG_TARGET | FLAG_STUDENT_MASKED
+    assert (rows4[:3] == 0).all() and (grad4[:3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,device", [(torch.float32, H100), (torch.bfloat16, A100)],
+                         ids=["fp32-h100", "bf16-a100"])
+def test_topk_large_vocab(dtype, device):
+    """V = 33000: two byte-map windows (listed entries in both), 256 threads; k = 64."""
+    vocab, k = 33000, 64
+    with _emulated(device):
+        idx, lp = topk_teacher(2, vocab, k, 2.0, seed=31)
+        idx[:, 0] = vocab - 1  # in the second window for sure (and the last element)
+        s = topk_student(2, vocab, seed=31, dtype=dtype)
+        y = torch.tensor([5, vocab - 3])
+        cfg = LogitKDConfig(temperature=2.0, divergence="jsd", beta=0.3, hard_weight=0.5,
+                            label_smoothing=0.1)
+        topk_check(TOPK, s, idx, lp, y, cfg, what="V=33000")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_misaligned_rows(on_device, dtype):
+    """Row views off the 16-byte boundary: equally misaligned rows (scalar head, then chunks)
+    and rows misaligned differently (element path)."""
+    vocab, n = 1003, 3
+    for width, offset in [(1024, 1), (1027, 3)]:
+        g = torch.Generator().manual_seed(width + offset)
+        big = (torch.randn(n, width, generator=g) * 3).to(dtype)
+        s = big[:, offset:offset + vocab]
+        idx, lp = topk_teacher(n, vocab, 30, 2.0, seed=width)
+        y = torch.randint(0, vocab, (n,), generator=g)
+        cfg = LogitKDConfig(temperature=2.0, divergence="tvd", hard_weight=0.5)
+        topk_check(TOPK, s, idx, lp, y, cfg, what=f"offset {offset}")
+
+
+def test_topk_public_api_mean(on_device):
+    """fastkd.KDLoss with teacher_topk on the cpu backend, reduction mean (grad_scale 1 / the
+    counted rows), runs the emulated CUDA kernel; loss and gradient match the reference."""
+    idx, lp = topk_teacher(5, 700, 8, 2.0, seed=41)
+    s = topk_student(5, 700, seed=41).requires_grad_()
+    y = torch.tensor([1, -100, 3, 4, 5])
+    loss_fn = fastkd.KDLoss(temperature=2.0, divergence="reverse_kl", hard_weight=0.2,
+                            reduction="mean", backend="cpu")
+    on_device.take_launch_log()
+    loss = loss_fn(s, target=y, teacher_topk=(idx, lp))
+    loss.backward()
+    assert _topk_launches(on_device) == ["logit_topk_kernel<128, 6>"]
+    sd = s.detach().double().requires_grad_()
+    cfg = LogitKDConfig(temperature=2.0, divergence="reverse_kl", hard_weight=0.2)
+    ref = kd_rows_topk_reference(sd, idx, lp.double(), y, **cfg.reference_kwargs()).sum() / 4
+    ref.backward()
+    assert_close_loss(loss, ref, torch.float32)
+    assert_close_grad(s.grad, sd.grad, torch.float32)

@@ -139,3 +139,54 @@ def test_claimed_blocks_per_sm_follow_from_resources(emu, device):
         assert got == LOGIT_CLAIMS[name], (name, entry, res, got)
         checked.add(name)
     assert checked == set(LOGIT_CLAIMS)
+
+
+#: Blocks per SM that csrc/cuda/logit_topk.cu claims (its __launch_bounds__: at most 80
+#: registers). Its dynamic shared memory (the listed-entry byte map) stays within 32 KiB, so no
+#: launch needs the opt-in attribute.
+TOPK_CLAIMS = {
+    "logit_topk_kernel<256, 3>": 3,
+    "logit_topk_kernel<128, 6>": 6,
+}
+
+TOPK_SEQUENCE = [
+    (0, dict(vocab=1000, k=20)),
+    (0, dict(vocab=50000, k=64)),
+    (1, dict(vocab=4096, k=4096, dtype=torch.bfloat16)),
+    (1, dict(vocab=128256, k=256, dtype=torch.bfloat16)),
+    (0, dict(vocab=262144, k=8, dtype=torch.float16)),
+    (1, dict(vocab=7, k=3)),
+]
+
+
+def _topk_call(vocab, k, dtype=torch.float32, rows=2):
+    s = torch.zeros(rows, vocab, dtype=dtype, requires_grad=True)
+    idx = torch.arange(k).expand(rows, k).contiguous()
+    lp = torch.full((rows, k), -math.log(k))
+    y = torch.zeros(rows, dtype=torch.long)
+    kd_loss(s, None, y, teacher_topk=(idx, lp), hard_weight=0.5, backend="cpu")
+
+
+@pytest.mark.parametrize("device", [0, 1], ids=["a100", "h100"])
+def test_topk_launches_and_claimed_blocks_per_sm(emu, device):
+    """Every top-k launch is accepted, and its registers (ptxas table) and shared memory give
+    at least the blocks per SM its __launch_bounds__ claim (exactly on sm_90, whose 80
+    registers are the cap; sm_80 needs 68, which leaves room for a seventh 128-thread CTA)."""
+    table = _resources()[ARCH[device]]
+    emu.take_launch_log()
+    for _, kw in TOPK_SEQUENCE:
+        with cuda_emulator.emulated_cuda(device, execute=False):
+            _topk_call(**kw)
+    log = [e for e in emu.take_launch_log() if e["kernel"] in TOPK_CLAIMS]
+    assert len(log) == len(TOPK_SEQUENCE)
+    assert all(e["status"] == 0 and e["dynamic_smem"] <= 32 * 1024 for e in log), log
+    for entry in log:
+        name = entry["kernel"]
+        res = table[name]
+        assert res["spill_stores"] == 0 and res["stack"] == 0, (name, res)
+        got = _blocks_per_sm(emu, device, math.prod(entry["block"]), res["regs"],
+                             res["static_smem"] + entry["dynamic_smem"])
+        assert got >= TOPK_CLAIMS[name], (name, entry, res, got)
+        if ARCH[device] == "sm_90":
+            assert got == TOPK_CLAIMS[name], (name, entry, res, got)
+    assert {e["kernel"] for e in log} == set(TOPK_CLAIMS)

@@ -39,6 +39,18 @@ void emu_describe(const LogitKDParams& p) {
   vector(p.flags, 1, 4, true, "flags");
 }
 
+void emu_describe(const LogitTopKParams& p) {
+  const int ss = elem_size(p.student_dtype);
+  matrix(p.student, p.rows, p.student_stride, p.vocab, ss, false, "student");
+  matrix(p.indices, p.rows, p.k, p.k, 8, false, "indices");
+  matrix(p.logprobs, p.rows, p.k, p.k, 4, false, "logprobs");
+  vector(p.target, p.rows, 8, false, "target");
+  vector(p.row_loss, p.rows, 4, true, "row_loss");
+  vector(p.grad_scale, 1, 4, false, "grad_scale");
+  matrix(p.grad_student, p.rows, p.vocab, p.vocab, ss, true, "grad_student");
+  vector(p.flags, 1, 4, true, "flags");
+}
+
 void emu_describe(const FeatureEpilogueParams& p) {
   const int ts = elem_size(p.teacher_dtype), gs = elem_size(p.grad_y_dtype);
   // [outer, dim, inner] with the given strides; row-indexed arrays are [outer, inner].

@@ -5,10 +5,12 @@
 #include "cuda_runtime.h"
 #include "fastkd/feature_kd.h"
 #include "fastkd/logit_kd.h"
+#include "fastkd/logit_topk.h"
 #include "fastkd/relation_kd.h"
 
 namespace fastkd {
 void emu_describe(const LogitKDParams& p);
+void emu_describe(const LogitTopKParams& p);
 void emu_describe(const FeatureEpilogueParams& p);
 void emu_describe(const SPTileParams& p);
 void emu_describe(const RKDTileParams& p);

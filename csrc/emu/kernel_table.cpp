@@ -8,6 +8,6 @@ extern "C" const fastkd::CudaKernelTable* fastkd_emu_kernels() {
       &fastkd::logit_kd_cuda, &fastkd::feature_kd_epilogue_cuda, &fastkd::sp_stats_cuda,
       &fastkd::sp_tile_cuda,  &fastkd::rkd_stats_cuda,           &fastkd::rkd_tile_cuda,
       &fastkd::rkd_angle_cuda, &fastkd::pkt_stats_cuda,          &fastkd::pkt_tile_cuda,
-      &fastkd_emu_last_error};
+      &fastkd_emu_last_error,  &fastkd::logit_topk_cuda};
   return &table;
 }

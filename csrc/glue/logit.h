@@ -119,7 +119,7 @@ logit_kd_forward(const at::Tensor& student, const std::vector<at::Tensor>& teach
   return {row_loss, grad_s, grad_t, flags};
 }
 
-// KD against a sparse top-k teacher (SPEC §1b) on CPU tensors. Returns (row_loss [N] float32,
+// KD against a sparse top-k teacher (SPEC §1b). Returns (row_loss [N] float32,
 // grad_student or None, flags int32 [1]). The indices are checked by the caller (in range,
 // distinct within a row).
 inline std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor>
@@ -132,7 +132,7 @@ logit_topk_forward(const at::Tensor& student, const at::Tensor& indices,
   const int64_t rows = student.size(0), vocab = student.size(1);
   TORCH_CHECK(vocab >= 1, "student_logits: V must be >= 1");
   TORCH_CHECK(vocab == 1 || student.stride(1) == 1, "student_logits: vocabulary stride must be 1");
-  TORCH_CHECK(student.is_cpu(), "teacher_topk: the fused top-k kernel here takes CPU tensors");
+  TORCH_CHECK(student.is_cpu() || student.is_cuda(), "student_logits must be a CPU or CUDA tensor");
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == rows && indices.scalar_type() == at::kLong,
               "teacher_topk indices must be int64 [N, k]");
   const int64_t k = indices.size(1);
@@ -156,13 +156,26 @@ logit_topk_forward(const at::Tensor& student, const at::Tensor& indices,
   if (target.has_value()) {
     tgt = target->contiguous();
     TORCH_CHECK(tgt.scalar_type() == at::kLong && tgt.numel() == rows, "target must be int64 [N]");
+    TORCH_CHECK(tgt.device() == student.device(), "target must be on the student's device");
     p.target = tgt.data_ptr<int64_t>();
   }
   set_config(p, ignore_index, temperature, divergence, beta, soft_factor, hard_weight,
              label_smoothing);
 
   const RowOutputs out(student, grad_scale, need_grad_student, p);
-  if (rows > 0) logit_topk_cpu(p);
+  if (rows == 0) return {out.row_loss, out.grad_student, out.flags};
+  if (student.is_cuda()) {
+#ifdef FASTKD_WITH_CUDA
+    c10::cuda::CUDAGuard guard(student.device());
+    check_cuda_status(logit_topk_cuda(p, current_stream(student)), "fastkd logit_topk_cuda");
+#else
+    TORCH_CHECK(false, "fastkd was built without CUDA kernels");
+#endif
+  } else if (emulating_cuda(student)) {
+    check_emulated_status(cuda_emulation()->logit_topk(p, nullptr), "fastkd logit_topk_cuda");
+  } else {
+    logit_topk_cpu(p);
+  }
   return {out.row_loss, out.grad_student, out.flags};
 }
 

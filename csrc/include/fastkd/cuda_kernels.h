@@ -5,6 +5,7 @@
 
 #include "fastkd/feature_kd.h"
 #include "fastkd/logit_kd.h"
+#include "fastkd/logit_topk.h"
 #include "fastkd/relation_kd.h"
 
 namespace fastkd {
@@ -21,6 +22,8 @@ struct CudaKernelTable {
   int (*pkt_tile)(const PKTTileParams&, void*);
   // Why the last launch failed (the emulator's message), for the glue's error.
   const char* (*last_error)();
+  // After last_error, so that the entries above keep their offsets.
+  int (*logit_topk)(const LogitTopKParams&, void*);
 };
 
 }  // namespace fastkd
