@@ -282,3 +282,50 @@ def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, s
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         rows = rows + hard_weight * hard_ce_rows(s.to(rows.dtype), safe_target, label_smoothing)
     return torch.where(valid, rows, torch.zeros_like(rows))
+
+
+def _uld_sorted(prob, top):
+    """``prob`` ``[N, V]`` sorted in decreasing order (stable: equal values keep their index
+    order), only its ``top`` largest when ``top`` is not None."""
+    srt = torch.sort(prob, dim=-1, descending=True, stable=True).values
+    return srt if top is None else srt[:, :top]
+
+
+def uld_rows_reference(student, teacher, target, *, temperature, soft_weight, hard_weight,
+                       divergence="uld", beta=0.5, t2_scale=True, ignore_index=-100,
+                       label_smoothing=0.0, teacher_mixture="prob", uld_top=None, weights=None):
+    """Per-row Universal Logit Distillation loss (SPEC §1d), ``[N]``: the contract as code.
+
+    ``student`` ``[N, V_s]`` and ``teacher`` ``[N, V_t]`` (any two vocabulary sizes; a list
+    holding one teacher is accepted): ``p = softmax(t / T)`` and ``q = softmax(s / T)`` each
+    sorted in decreasing order (only the ``uld_top`` largest when given), the shorter padded
+    with zeros, ``D = sum_j |p_(j) - q_(j)|``; the row loss is ``soft_weight * (T**2 if
+    t2_scale) * D + hard_weight * CE(softmax(s), target)`` (:func:`hard_ce_rows`), 0 on rows
+    whose target is ``ignore_index``. Autograd differentiates through the sort as a
+    permutation and takes ``sign(0) = 0`` in ``|x|``. ``divergence``, ``beta``,
+    ``teacher_mixture`` and ``weights`` are accepted for the shared keyword arguments
+    (``LogitKDConfig.reference_kwargs()``) and not used. Computes in float64 if an input is
+    float64, else float32; raises ``ValueError`` like :func:`kd_rows_reference`.
+    """
+    if isinstance(teacher, (list, tuple)):
+        if len(teacher) != 1:
+            raise ValueError(f"divergence='uld' takes one teacher, got {len(teacher)}")
+        teacher = teacher[0]
+    dtype = work_dtype(student, teacher)
+    valid = checked_rows(student.detach(), [teacher.detach()],
+                         None if target is None else target.detach(), ignore_index)
+    keep = valid.unsqueeze(-1)
+    zero = torch.zeros((), dtype=dtype, device=student.device)
+    s = torch.where(keep, student.to(dtype), zero)
+    t = torch.where(keep, teacher.to(dtype), zero)
+    q = _uld_sorted(torch.softmax(s / temperature, dim=-1), uld_top)
+    p = _uld_sorted(torch.softmax(t / temperature, dim=-1), uld_top)
+    width = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
+    rows = soft_factor * (p - q).abs().sum(-1)
+    if target is not None and hard_weight != 0.0:
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        rows = rows + hard_weight * hard_ce_rows(s, safe_target, label_smoothing)
+    return torch.where(valid, rows, torch.zeros_like(rows))
