@@ -7,7 +7,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTKD_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-DEPS=(numpy ninja pybind11 pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn scipy)
+# transformers accelerate trl datasets: the Trainer integrations' tests (tests/test_integrations_*)
+DEPS=(numpy ninja pybind11 pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn scipy
+      transformers accelerate trl datasets)
 STAMP="$VENV/.fastkd-build-stamp"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

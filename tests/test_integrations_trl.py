@@ -14,9 +14,7 @@ import tempfile
 import pytest
 import torch
 
-pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-
+import datasets  # noqa: E402  (installed by scripts/setup_env.sh: these tests run in CI)
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
