@@ -1,25 +1,28 @@
-"""fastkd inside Hugging Face transformers: logit KD for a causal LM in ``Trainer.compute_loss``.
+"""fastkd inside Hugging Face transformers: causal-LM distillation with ``KDTrainer``.
 
 Both models are randomly initialised GPT-2s built from a config (nothing is downloaded). The
 teacher (3 layers, hidden 128) is first trained for 200 steps on a synthetic "language":
 sequences from a fixed random Markov chain over a 1,000-token vocabulary, where after each token
 comes one of its four likely successors (or, 5% of the time, any token). Then a smaller student
 (2 layers, hidden 64) is trained for 100 steps on the same kind of text, twice from the same
-initialisation: with cross-entropy only, and with
+initialisation: with cross-entropy only (the plain ``Trainer``), and with
 
-    kd = fastkd.KDLoss(temperature=1.0, hard_weight=1.0, ignore_index=-100)
-    loss = kd(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])   # KL + CE
+    from fastkd.integrations.transformers import KDTrainer
 
-on the shifted logits (position i predicts token i + 1; padded positions have label -100 and do
-not count), flattened to ``[N, V]`` rows. The student's held-out loss (cross-entropy against the
-real next tokens) is printed for both: the teacher's whole next-token distribution says more than
-the one sampled next token, so the distilled student learns the chain faster.
+    kd = fastkd.FusedLinearKDLoss(temperature=1.0, hard_weight=1.0, ignore_index=-100)
+    trainer = KDTrainer(model=student, teacher_model=teacher, kd_loss=kd, args=args, ...)
 
-``--mode trainer`` (the default when ``accelerate`` is installed) subclasses
-``transformers.Trainer`` and overrides ``compute_loss``; ``--mode loop`` does the same in a
-plain PyTorch loop. Without transformers the example prints a message and exits with status 0.
+which scores position i against token i + 1 (KL + CE; padded positions have label -100 and do
+not count) from both models' last hidden states and output layers, without their ``[B, S, V]``
+logits. The student's held-out loss (cross-entropy against the real next tokens) is printed for
+both: the teacher's whole next-token distribution says more than the one sampled next token, so
+the distilled student learns the chain faster.
 
-    pip install transformers accelerate      # not needed by fastkd itself
+``--mode trainer`` (the default when ``accelerate`` is installed) uses ``KDTrainer``; ``--mode
+loop`` computes the same loss in a plain PyTorch loop, on the materialised logits with
+``fastkd.KDLoss``. Without transformers the example prints a message and exits with status 0.
+
+    pip install 'fastkd[hf]'                 # transformers, accelerate: not needed by fastkd
     python examples/hf_trainer_kd.py         # ~30 s on one CPU core
 """
 from __future__ import annotations
@@ -115,7 +118,11 @@ def make_model(vocab, layers, hidden, heads, length, seed):
 
 
 def train_loop(model, batches, lr, teacher=None, kd=None):
-    """Plain PyTorch loop: CE only, or ``kd`` against ``teacher`` when given."""
+    """Plain PyTorch loop: CE only, or ``kd`` (its arguments in a ``fastkd.KDLoss``, on the
+    logits) against ``teacher`` when given."""
+    if kd is not None:
+        kd = fastkd.KDLoss(temperature=kd.temperature, hard_weight=kd.hard_weight,
+                           ignore_index=kd.ignore_index)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for batch in batches:
@@ -133,28 +140,6 @@ def train_loop(model, batches, lr, teacher=None, kd=None):
         opt.step()
     model.eval()
     return model
-
-
-def make_kd_trainer_class():
-    from transformers import Trainer
-
-    class KDTrainer(Trainer):
-        """A ``Trainer`` whose loss is fastkd's KD (+ CE) against a frozen teacher."""
-
-        def __init__(self, *args, teacher=None, kd=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.teacher = teacher.eval()
-            self.kd = kd
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            labels = inputs.pop("labels")              # the model must not compute its own CE
-            outputs = model(**inputs)
-            with torch.no_grad():
-                t_logits = self.teacher(**inputs).logits
-            loss = kd_on_shifted_logits(self.kd, outputs.logits, t_logits, labels)
-            return (loss, outputs) if return_outputs else loss
-
-    return KDTrainer
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -187,7 +172,9 @@ def train_with_trainer(model, batches, lr, teacher=None, kd=None):
         if teacher is None:
             trainer = Trainer(**common)         # the model's own shifted CE (labels -100 ignored)
         else:
-            trainer = make_kd_trainer_class()(**common, teacher=teacher, kd=kd)
+            from fastkd.integrations.transformers import KDTrainer
+
+            trainer = KDTrainer(**common, teacher_model=teacher, kd_loss=kd)
         trainer.remove_callback(PrinterCallback)   # no per-run metrics printout
         trainer.train()
     model.eval()
@@ -241,10 +228,11 @@ def main(argv=None):
           f"{chain.entropy():.3f}, uniform {math.log(args.vocab - 1):.3f})")
 
     student_data = chain.batches(args.student_steps, args.batch_size, args.length, gen)
-    kd = fastkd.KDLoss(temperature=args.temperature, hard_weight=1.0, ignore_index=-100)
+    kd = fastkd.FusedLinearKDLoss(temperature=args.temperature, hard_weight=1.0,
+                                  ignore_index=-100)
     train = train_with_trainer if mode == "trainer" else train_loop
     results = {}
-    for name, t in (("CE only", None), ("KD + CE (fastkd.KDLoss)", teacher)):
+    for name, t in (("CE only", None), ("KD + CE (fastkd)", teacher)):
         student = make_model(args.vocab, 2, 64, 2, args.length, seed=1)   # same init for both
         student = train(student, student_data, lr=3e-3, teacher=t, kd=kd)
         results[name] = eval_loss(student, heldout)

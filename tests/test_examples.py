@@ -131,9 +131,13 @@ def test_hf_trainer_kd_without_transformers(monkeypatch, capsys):
     assert "transformers is not installed" in capsys.readouterr().out
 
 
-def test_hf_trainer_kd_runs():
+@pytest.mark.parametrize("mode", ["loop", "trainer"])
+def test_hf_trainer_kd_runs(mode):
+    """--mode trainer runs fastkd.integrations.transformers.KDTrainer."""
     pytest.importorskip("transformers")
+    if mode == "trainer":
+        pytest.importorskip("accelerate")
     out = _load("hf_trainer_kd").main(
-        ["--mode", "loop", "--vocab", "50", "--length", "8", "--batch-size", "4",
+        ["--mode", mode, "--vocab", "50", "--length", "8", "--batch-size", "4",
          "--teacher-layers", "1", "--teacher-steps", "2", "--student-steps", "2"])
     assert len(out) == 2 and all(math.isfinite(v) for v in out.values())
