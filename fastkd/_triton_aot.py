@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -181,22 +182,24 @@ def _logit_launches(rec):
         dt = _DTYPES[dname]
         for div in LOGIT_DIVERGENCES:
             for nt in LOGIT_TEACHERS:
-                for hard in (True, False):
-                    for tgrad in (False, True):
-                        cfg = LogitKDConfig(temperature=suite_logit.TEMPERATURE,
-                                            hard_weight=1.0 if hard else 0.0, divergence=div,
-                                            beta=suite_logit.BETA)
-                        for n, v, origin in cases:
-                            if origin == "fused-linear" and (dname not in fl_dtypes or nt != 1):
-                                continue
-                            rec.label = (f"logit {dname} {div} teachers={nt}"
-                                         f"{' hard' if hard else ''}{' tgrad' if tgrad else ''}")
-                            s = _meta((n, v), dt)
-                            ts = [_meta((n, v), dt) for _ in range(nt)]
-                            y = _meta((n,), torch.int64) if hard else None
-                            scale = _meta((1,), torch.float32)
-                            lk.logit_kd_forward(s, ts, y, [1.0 / nt] * nt, cfg, scale, True,
-                                                [tgrad] * nt)
+                # Several teachers are also mixed in log space (teacher_mixture="logprob").
+                mixtures = ("prob", "logprob") if nt > 1 else ("prob",)
+                for hard, tgrad, mix in itertools.product((True, False), (False, True), mixtures):
+                    cfg = LogitKDConfig(temperature=suite_logit.TEMPERATURE,
+                                        hard_weight=1.0 if hard else 0.0, divergence=div,
+                                        beta=suite_logit.BETA, teacher_mixture=mix)
+                    for n, v, origin in cases:
+                        if origin == "fused-linear" and (dname not in fl_dtypes or nt != 1):
+                            continue
+                        rec.label = (f"logit {dname} {div} teachers={nt}"
+                                     f"{' logprob' if mix == 'logprob' else ''}"
+                                     f"{' hard' if hard else ''}{' tgrad' if tgrad else ''}")
+                        s = _meta((n, v), dt)
+                        ts = [_meta((n, v), dt) for _ in range(nt)]
+                        y = _meta((n,), torch.int64) if hard else None
+                        scale = _meta((1,), torch.float32)
+                        lk.logit_kd_forward(s, ts, y, [1.0 / nt] * nt, cfg, scale, True,
+                                            [tgrad] * nt)
     _logit_topk_launches(rec, grid)
 
 

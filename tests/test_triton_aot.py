@@ -66,6 +66,10 @@ def test_enumeration_axes(configs):
     axes = {(c.meta["NT"], c.meta["DIV"], c.meta["HARD"], c.meta["NEED_T_MASK"] != 0,
              c.pointer_dtypes().split(",")[0]) for c in logit}
     assert len(axes) == (len(aot.LOGIT_TEACHERS) * len(aot.LOGIT_DIVERGENCES) * 2 * 2 * 3)
+    # Several teachers: each configuration also mixed in log space (teacher_mixture="logprob").
+    logmix = {(c.meta["NT"], c.meta["DIV"], c.meta["HARD"], c.meta["NEED_T_MASK"] != 0,
+               c.pointer_dtypes().split(",")[0]) for c in logit if c.meta["LOGMIX"]}
+    assert logmix == {a for a in axes if a[0] > 1}
     fwd = [c for c in configs if c.name == "_feature_fwd_kernel"]
     assert {(c.meta["DOT"], c.meta["PREC"]) for c in fwd if c.meta["ADAPTER"]} >= {
         (0, "ieee"), (0, "tf32"), (1, "tf32"), (2, "tf32")}

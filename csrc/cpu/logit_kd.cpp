@@ -142,6 +142,18 @@ void teacher_mixture(const LogitKDParams& p, const RowStats& st, float* lp) {
   }
 }
 
+// The log mixture's logits y = sum over w_i > 0 of w_i t_i (teachers of weight 0 are left out:
+// 0 * -inf would be NaN; -inf in any other teacher stays -inf, as in the padding).
+void mixed_logits(const LogitKDParams& p, const RowStats& st, float* y) {
+  for (int64_t v = 0; v < st.Vp; v += kW) {
+    Vec acc(0.f);
+    for (int i = 0; i < st.nt; ++i)
+      if (p.teacher_weight[i] > 0.f)
+        acc = acc + Vec(p.teacher_weight[i]) * Vec::loadu(st.xt[i] + v);
+    acc.store(y + v);
+  }
+}
+
 // Sweep 1: loads row r into the scratch and fills `st`. False, with its flag raised, for a row
 // whose student or some teacher has no finite logit.
 template <typename TS, typename TT>
@@ -159,6 +171,7 @@ bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, in
     *flags |= kFlagStudentAllMasked;
     return false;
   }
+  const bool log_mix = p.log_mixture && st.nt > 1;
   for (int i = 0; i < st.nt; ++i) {
     float* xt = w.t[i].data();
     load_row(static_cast<const TT*>(p.teacher[i]) + r * p.teacher_stride[i], st.V, st.Vp, xt);
@@ -168,10 +181,24 @@ bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, in
       *flags |= kFlagTeacherAllMasked;
       return false;
     }
+  }
+  if (log_mix) {
+    // The log mixture is one teacher with logits y (see logit_kd.h): from here on the row is a
+    // single-teacher row, and kd_row spreads y's gradient over the teachers.
+    mixed_logits(p, st, w.lp.data());
+    st.nt = 1;
+    st.xt[0] = w.lp.data();
+    st.mt[0] = row_max(st.xt[0], st.Vp);
+    if (st.mt[0] == kNegInf) {
+      *flags |= kFlagMixtureAllMasked;
+      return false;
+    }
+  }
+  for (int i = 0; i < st.nt; ++i) {
     float* cache = st.nt == 1 ? w.et.data() : nullptr;
-    st.lzt_d[i] = row_log_sum_exp(xt, st.Vp, st.mt[i], st.inv_t, cache);
+    st.lzt_d[i] = row_log_sum_exp(st.xt[i], st.Vp, st.mt[i], st.inv_t, cache);
     st.lzt[i] = static_cast<float>(st.lzt_d[i]);
-    st.jt[i] = row_argmax(xt, st.Vp, st.mt[i]);
+    st.jt[i] = row_argmax(st.xt[i], st.Vp, st.mt[i]);
   }
   if (st.nt == 1) st.et = w.et.data();
   st.lzs_d = row_log_sum_exp(xs, st.Vp, st.ms, st.inv_t, w.es.data());
@@ -537,7 +564,21 @@ void teacher_gradient(const RowTerms& terms, const RowGrad& rg, int i, float wi,
     }
     (coef * pg).store(g + v);
   }
-  store_row(g, st.V, out);
+  if (out) store_row(g, st.V, out);
+}
+
+// Teacher i of a log mixture: w_i times the mixture's gradient g (d/dt_i = w_i d/dy).
+template <typename TT>
+void store_scaled_row(const float* g, int64_t n, float wi, TT* out) {
+  if (wi == 0.f) return zero_row(out, n);
+  constexpr int64_t kTile = 1024;
+  float tile[kTile];
+  const Vec vw(wi);
+  for (int64_t b = 0; b < n; b += kTile) {
+    const int64_t m = std::min(kTile, n - b);
+    for (int64_t v = 0; v < m; v += kW) (Vec::loadu(g + b + v) * vw).store(tile + v);
+    store_row(tile, m, out + b);
+  }
 }
 
 // One row: its loss into row_loss[r] and its gradients.
@@ -566,6 +607,16 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
 
   RowStats st;
   if (!row_statistics<TS, TT>(p, r, hard, w, flags, st)) return zero_outputs();
+  const bool log_mix = st.nt != nt;  // the row is now the one teacher y (row_statistics)
+  if (log_mix) {
+    // y's gradient is needed when some teacher of positive weight wants its gradient.
+    need_t = false;
+    for (int i = 0; i < nt; ++i) {
+      need_t = need_t || (rg.teacher[i] && p.teacher_weight[i] > 0.f);
+      rg.teacher[i] = false;
+    }
+    rg.teacher[0] = need_t;
+  }
   const RowTerms T(st, p);
   const Divergence div = p.divergence;
   rg.student = gs_out != nullptr;
@@ -584,6 +635,12 @@ void kd_row(const LogitKDParams& p, int64_t r, Scratch& w, int* flags) {
   p.row_loss[r] = row_loss(p, st, sums, hard, y);
 
   if (gs_out) student_gradient(T, rg, ce, p.hard_weight, y, sums, g, gs_out);
+  if (log_mix) {
+    if (need_t) teacher_gradient(T, rg, 0, 1.f, sums, g, static_cast<TT*>(nullptr));
+    for (int i = 0; i < nt; ++i)
+      if (gt_out[i]) store_scaled_row(g, V, need_t ? p.teacher_weight[i] : 0.f, gt_out[i]);
+    return;
+  }
   for (int i = 0; i < nt; ++i)
     if (gt_out[i]) teacher_gradient(T, rg, i, p.teacher_weight[i], sums, g, gt_out[i]);
 }
@@ -600,7 +657,7 @@ void run(const LogitKDParams& p) {
     w.g.resize(Vp);
     w.es.resize(Vp);
     w.e1.resize(Vp);
-    if (p.num_teachers == 1) w.et.resize(Vp);
+    if (p.num_teachers == 1 || p.log_mixture) w.et.resize(Vp);
     if (p.num_teachers > 1) w.lp.resize(Vp);
     w.t.resize(p.num_teachers);
     for (auto& t : w.t) t.resize(Vp);

@@ -13,7 +13,8 @@
 //   float shfl_xor(float v, int m) const;  // __shfl_xor_sync within a warp of 32
 //
 // Row algorithm (one group per row, all statistics in float32, logs in base 2 internally):
-//   pass 1: online (max, sum-exp) of s/T (and of s at T = 1 for the hard CE) and of each t_i/T;
+//   pass 1: online (max, sum-exp) of s/T (and of s at T = 1 for the hard CE) and of each t_i/T
+//   (a log mixture: also of y/T, y = sum_i w_i t_i, the logits of the mixture, mixed_logits);
 //   pass 2: the row sums that the gradients need (D, Kq, sum q h, S_i, CE smoothing) and the loss;
 //   pass 3: the gradients. When no gradient needs a row sum (kl's student gradient, or only the
 //   loss), passes 2 and 3 are one sweep. Each thread keeps the first chunks of the row it loads in
@@ -616,23 +617,62 @@ struct RowKD {
     return (m == mx || m == -INFINITY) ? z : z * ex2((m - mx) * scale);
   }
 
+  // oy: the log mixture's logits y (several teachers, P.log_mixture), summed as mixed_logits
+  // does (the same fmaf chain, so pass 1 and the later passes see bitwise the same y).
   template <bool kZ1, bool kCnt, int K, class Src>
-  FKD_HD void stats_unit(Online& os, Online (&ot)[kNT], const Src& src) const {
-    float x[K];
+  FKD_HD void stats_unit(Online& os, Online (&ot)[kNT], Online& oy, const Src& src) const {
+    float x[K], ym[K];
     src.ld_s(x);
     online<kZ1, kCnt>(os, C.c, x);
+    FKD_UNROLL
+    for (int e = 0; e < K; ++e) ym[e] = 0.f;
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) {
       if (kNT == 1 || i < nt) {
         src.ld_t(i, x);
         online<false, false>(ot[i], C.c, x);
+        if (kMulti && P.log_mixture) {
+          const float wi = t_w(i);
+          if (wi > 0.f) {
+            FKD_UNROLL
+            for (int e = 0; e < K; ++e) ym[e] = fmaf(wi, x[e], ym[e]);
+          }
+        }
       }
+    }
+    if (kMulti && P.log_mixture) online<false, false>(oy, C.c, ym);
+  }
+
+  // The log mixture's logits y = sum over w_i > 0 of w_i t_i of one unit: log p = log softmax
+  // (y / T), so the mixture is one teacher with logits y (statistics in tc) and d/dt_i = w_i d/dy.
+  // Teachers of weight 0 are left out (0 * -inf would be NaN); -inf in any other stays -inf.
+  template <class Src>
+  FKD_HD void mixed_logits(const Src& src, float (&ym)[Src::K]) const {
+    constexpr int K = Src::K;
+    FKD_UNROLL
+    for (int e = 0; e < K; ++e) ym[e] = 0.f;
+    weighted_teachers(src, [&](int, float wi, const float (&xt)[K]) {
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) ym[e] = fmaf(wi, xt[e], ym[e]);
+    });
+  }
+
+  // f(i, w_i, chunk of t_i) for the teachers of positive weight, in order (several teachers).
+  template <class Src, class F>
+  FKD_HD void weighted_teachers(const Src& src, F&& f) const {
+    FKD_NO_UNROLL
+    for (int i = 0; i < nt; ++i) {
+      const float wi = t_w(i);
+      if (!(wi > 0.f)) continue;
+      float xt[Src::K];
+      src.ld_t(i, xt);
+      f(i, wi, xt);
     }
   }
 
   template <bool kZ1, bool kCnt>
   FKD_HD void pass_stats() {
-    Online os{-INFINITY, 0.f, 0.f, 0.f};
+    Online os{-INFINITY, 0.f, 0.f, 0.f}, oy{-INFINITY, 0.f, 0.f, 0.f};
     Online ot[kNT];
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) ot[i] = Online{-INFINITY, 0.f, 0.f, 0.f};
@@ -645,18 +685,22 @@ struct RowKD {
       FKD_NO_UNROLL
       for (int64_t j = g.rank; j < nvec; j += G) {
         const ChunkSrc<false, true> src{*this, j};
-        stats_unit<kZ1, kCnt, N>(os, ot, src);
+        stats_unit<kZ1, kCnt, N>(os, ot, oy, src);
       }
-      if (g.rank < nscal) stats_unit<kZ1, kCnt, 1>(os, ot, ElemSrc{*this, scalar_index(g.rank)});
+      if (g.rank < nscal)
+        stats_unit<kZ1, kCnt, 1>(os, ot, oy, ElemSrc{*this, scalar_index(g.rank)});
     } else {
       FKD_NO_UNROLL
-      for (int64_t v = g.rank; v < V; v += G) stats_unit<kZ1, kCnt, 1>(os, ot, ElemSrc{*this, v});
+      for (int64_t v = g.rank; v < V; v += G)
+        stats_unit<kZ1, kCnt, 1>(os, ot, oy, ElemSrc{*this, v});
     }
 
-    float mx[1 + kNT];
+    constexpr int kMy = 1 + kNT;  // several teachers: the max of y (-inf unless log mixture)
+    float mx[kMy + (kMulti ? 1 : 0)];
     mx[0] = os.m;
     FKD_UNROLL
     for (int i = 0; i < kNT; ++i) mx[1 + i] = ot[i].m;  // -inf beyond nt
+    if constexpr (kMulti) mx[kMy] = oy.m;
     group_allreduce<OpMax, kRedK>(g, mx);
     float sm[3 + kNT];
     sm[0] = rescale(os.z, os.m, mx[0], C.c);
@@ -687,7 +731,16 @@ struct RowKD {
         }
       }
     }
-    if constexpr (kMulti) g.sync();
+    if constexpr (kMulti) {
+      if (P.log_mixture) {  // y's sum: one more reduction, only for a log mixture
+        float zy[1] = {rescale(oy.z, oy.m, mx[kMy], C.c)};
+        group_allreduce<OpSum, kRedK>(g, zy);
+        tc.mt = mx[kMy];
+        tc.lzt = lg2(zy[0]);
+        if (mx[kMy] == -INFINITY && zy[0] == 0.f) flag_bits |= kFlagMixtureAllMasked;
+      }
+      g.sync();
+    }
   }
 
   // ---- sources of one unit of work: a chunk of N elements, or one element ----
@@ -759,7 +812,7 @@ struct RowKD {
     for (int e = 0; e < K; ++e) o[e] = 0.f;
     if (need) {
       float lpi[K], pi[K];
-      if constexpr (!kMulti) {
+      if (!kMulti || P.log_mixture) {  // a log mixture: teacher y, times w_i (in ct)
         FKD_UNROLL
         for (int e = 0; e < K; ++e) { lpi[e] = lp[e]; pi[e] = p[e]; }
       } else {
@@ -809,18 +862,18 @@ struct RowKD {
       src.ld_t(0, xt);
       FKD_UNROLL
       for (int e = 0; e < K; ++e) lp[e] = fmaf(xt[e] - tc.mt, C.c, -tc.lzt);
+    } else if (P.log_mixture) {
+      float ym[K];
+      mixed_logits(src, ym);
+      FKD_UNROLL
+      for (int e = 0; e < K; ++e) lp[e] = fmaf(ym[e] - tc.mt, C.c, -tc.lzt);
     } else {
       // log2 sum_i w_i p_iv, accumulated online over the teachers with w_i > 0, shifted by the
       // running max (no underflow; a NaN anywhere gives NaN).
       float mm[K], sa[K];
       FKD_UNROLL
       for (int e = 0; e < K; ++e) { mm[e] = -INFINITY; sa[e] = 0.f; }
-      FKD_NO_UNROLL
-      for (int i = 0; i < nt; ++i) {
-        const float wi = t_w(i);
-        if (!(wi > 0.f)) continue;
-        float xt[K];
-        src.ld_t(i, xt);
+      weighted_teachers(src, [&](int i, float wi, const float (&xt)[K]) {
         const float mt = t_mt(i), lzt = t_lzt(i);
         FKD_UNROLL
         for (int e = 0; e < K; ++e) {
@@ -830,7 +883,7 @@ struct RowKD {
           sa[e] = old + (l == -INFINITY ? 0.f : wi * ex2(l - nm));
           mm[e] = nm;
         }
-      }
+      });
       FKD_UNROLL
       for (int e = 0; e < K; ++e) lp[e] = mm[e] == -INFINITY ? -INFINITY : mm[e] + lg2(sa[e]);
     }

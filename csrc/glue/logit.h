@@ -50,8 +50,8 @@ inline std::tuple<at::Tensor, c10::optional<at::Tensor>, std::vector<c10::option
                   at::Tensor>
 logit_kd_forward(const at::Tensor& student, const std::vector<at::Tensor>& teachers,
                  const c10::optional<at::Tensor>& target, const std::vector<double>& weights,
-                 int64_t ignore_index, double temperature, int64_t divergence, double beta,
-                 double soft_factor, double hard_weight, double label_smoothing,
+                 bool log_mixture, int64_t ignore_index, double temperature, int64_t divergence,
+                 double beta, double soft_factor, double hard_weight, double label_smoothing,
                  const c10::optional<at::Tensor>& grad_scale, bool need_grad_student,
                  const std::vector<bool>& need_grad_teacher) {
   TORCH_CHECK(student.dim() == 2, "student_logits must be 2-D here");
@@ -71,6 +71,7 @@ logit_kd_forward(const at::Tensor& student, const std::vector<at::Tensor>& teach
   p.student_dtype = dtype_of(student, "student_logits");
   p.num_teachers = nt;
   p.teacher_dtype = dtype_of(teachers[0], "teacher_logits");
+  p.log_mixture = log_mixture;
   for (int i = 0; i < nt; ++i) {
     const at::Tensor& t = teachers[i];
     TORCH_CHECK(t.sizes() == student.sizes(), "teacher_logits must have the student's shape");

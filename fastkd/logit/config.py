@@ -16,6 +16,8 @@ from fastkd.logit.reference import DIVERGENCES, jsd_endpoint
 DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
 MAX_TEACHERS = 8
 FLAG_TARGET, FLAG_STUDENT_MASKED, FLAG_TEACHER_MASKED = 1, 2, 4
+#: teacher_mixture="logprob": a counted row whose log mixture is -inf everywhere.
+FLAG_MIXTURE_MASKED = 8
 #: Accepted temperatures: 1/T and T**2 stay finite float32 numbers (SPEC §Guarantees: the
 #: accuracy of SPEC §1 is tested for T in [0.05, 100] and holds to about T = 1e3).
 TEMPERATURE_RANGE = (1e-30, 1e18)
@@ -194,6 +196,9 @@ def raise_flags(flags: int, ignore_index: int, vocab: int, many: bool) -> None:
     if flags & FLAG_TEACHER_MASKED:
         name = "teacher_logits[i]" if many else "teacher_logits"
         raise ValueError(f"{name} has a row that is -inf everywhere (no vocabulary entry left)")
+    if flags & FLAG_MIXTURE_MASKED:
+        raise ValueError("teacher_logits: the log mixture of the teachers has a row that is -inf "
+                         "everywhere (their unmasked entries do not overlap)")
 
 
 def check_vocab_mismatch(vocab_mismatch) -> str:

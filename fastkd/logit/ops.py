@@ -23,8 +23,9 @@ from fastkd.logit.reference import kd_rows_reference
 def _ext_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, need_t):
     div, beta = cfg.kernel_divergence
     return _ext._C.logit_kd_forward(
-        student, teachers, target, weights, cfg.ignore_index, cfg.temperature, div, beta,
-        cfg.soft_factor, cfg.hard_weight, cfg.label_smoothing, grad_scale, need_s, need_t)
+        student, teachers, target, weights, cfg.log_mixture, cfg.ignore_index, cfg.temperature,
+        div, beta, cfg.soft_factor, cfg.hard_weight, cfg.label_smoothing, grad_scale, need_s,
+        need_t)
 
 
 def _triton_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, need_t):
@@ -35,7 +36,7 @@ def _triton_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, 
 
 KERNELS = {"cpu": _ext_kernel, "cuda": _ext_kernel, "triton": _triton_kernel}
 #: The backends whose kernels mix several teachers in log space (teacher_mixture="logprob").
-LOG_MIXTURE_KERNELS: set[str] = set()
+LOG_MIXTURE_KERNELS: set[str] = {"cpu", "cuda", "triton"}
 
 
 def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,

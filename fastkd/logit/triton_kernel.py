@@ -7,7 +7,9 @@ For every row r (student logits s, teachers t_i with normalised weights w_i, tem
     row_loss[r] = soft_factor * D(p, q) + hard_weight * CE(softmax(s), target[r], label_smoothing)
 
 with D one of KL(p||q), KL(q||p), JSD_beta, TVD and soft_factor = soft_weight * T^2 (or
-soft_weight without ``t2_scale``). The gradients d row_loss[r] / d s[r, :] and
+soft_weight without ``t2_scale``). With ``teacher_mixture="logprob"`` (``LOGMIX``) p is
+softmax(y / T), y = sum_i w_i t_i: the single-teacher math on the logits y, each teacher's
+gradient w_i times y's. The gradients d row_loss[r] / d s[r, :] and
 d row_loss[r] / d t_i[r, :], multiplied by ``*grad_scale`` when given, are written in the same
 launch. The math is the one of the CPU and CUDA kernels (``csrc/include/fastkd/logit_kd.h``):
 subtract the raw row maximum before scaling by 1/T, online (max, sum-exp) statistics, float32
@@ -103,8 +105,21 @@ def _teacher_b(t_ptrs, t_strides, row, i: tl.constexpr, offs, mask, mvec, tix, i
 
 
 @triton.jit
+def _mixed_logits(t_ptrs, t_strides, t_weights, row, offs, mask, NT: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """y = sum over w_i > 0 of w_i t_i on one chunk: the logits of the log mixture
+    (log p = log_softmax(y / T)). Teachers of weight 0 are left out (0 * -inf would be NaN);
+    -inf in any other teacher (and past V) stays -inf."""
+    y = tl.zeros([BLOCK_V], tl.float32)
+    for i in tl.static_range(NT):
+        t = _load_row(t_ptrs[i] + row * t_strides[i], offs, mask)
+        y += tl.where(t_weights[i] > 0, t_weights[i] * t, 0.0)
+    return y
+
+
+@triton.jit
 def _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs, mask, ms, lzs, mvec, dlvec, tix, inv_t,
-           NT: tl.constexpr, BLOCK_V: tl.constexpr):
+           NT: tl.constexpr, LOGMIX: tl.constexpr, BLOCK_V: tl.constexpr):
     """One chunk of a row: (s, q, u, d, p, mref, lacc) with u = log p + log Zs, d = log p - log q
     and u = mref + lacc (several teachers: mref = max_i (log p_i + log Zs), lacc = log of the
     weighted sum relative to it; one teacher: mref = u, lacc = 0).
@@ -112,12 +127,17 @@ def _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs, mask, ms, lzs, mvec, 
     d is formed without log Z: one teacher, ((t - s) - (max t - max s)) / T + log(Zs / Zt);
     several, u - a with u = log sum_i w_i exp(b_i + log(Zs / Zt_i)). It carries no rounding of
     size eps * log V (log q itself does), so small divergences keep their relative accuracy.
+    A log mixture (LOGMIX) is the one teacher with logits y = sum_i w_i t_i (mvec[0], dlvec[0]:
+    its max and log(Zs / Zy)).
     """
     s = _load_row(s_row, offs, mask)
     a = (s - ms) * inv_t
     q = tl.exp(a - lzs)
-    if NT == 1:
-        t = _load_row(t_ptrs[0] + row * t_strides[0], offs, mask)
+    if NT == 1 or LOGMIX:
+        if LOGMIX:
+            t = _mixed_logits(t_ptrs, t_strides, t_weights, row, offs, mask, NT, BLOCK_V)
+        else:
+            t = _load_row(t_ptrs[0] + row * t_strides[0], offs, mask)
         mt = _pick(mvec, tix, 0)
         dl = _pick(dlvec, tix, 0)
         u = (t - mt) * inv_t + dl
@@ -303,10 +323,38 @@ def _teacher_stats(t_ptrs, t_strides, row, hi, zs, inv_t, tix, NT: tl.constexpr,
 
 
 @triton.jit
+def _mixture_stats(t_ptrs, t_strides, t_weights, row, hi, zs, inv_t, tix, NT: tl.constexpr,
+                   NT_PAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The log mixture's statistics in one sweep over the teachers: (mvec, dlvec, n_masked,
+    y_masked) with max y and log(Zs / Zy) in slot 0, how many teacher rows are -inf everywhere
+    (every teacher is checked, as in the reference) and whether y is -inf everywhere."""
+    lane = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    z = tl.zeros((), tl.float32)
+    seen = tl.zeros([NT_PAD], tl.int32)  # entries != -inf per teacher (NaN counts: not masked)
+    for start in range(0, hi, BLOCK_V):
+        offs = start + lane
+        mask = offs < hi
+        y = tl.zeros([BLOCK_V], tl.float32)
+        for i in tl.static_range(NT):
+            t = _load_row(t_ptrs[i] + row * t_strides[i], offs, mask)
+            seen += tl.where(tix == i, tl.sum((t != float("-inf")).to(tl.int32), axis=0), 0)
+            y += tl.where(t_weights[i] > 0, t_weights[i] * t, 0.0)  # as _mixed_logits
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z = z * tl.exp((m - ref) * inv_t) + tl.sum(tl.exp((y - ref) * inv_t), axis=0)
+        m = m_new
+    n_masked = tl.sum(((seen == 0) & (tix < NT)).to(tl.int32), axis=0)
+    mvec = tl.where(tix == 0, m, 0.0)
+    dlvec = tl.where(tix == 0, tl.log(zs / z), 0.0)
+    return mvec, dlvec, n_masked, (m == float("-inf")) & (z == 0.0)
+
+
+@triton.jit
 def _sums_sweep(s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dlvec, tix, inv_t,
                 beta, log_beta, log_1mbeta, SUMS: tl.constexpr, DIV: tl.constexpr,
                 NT: tl.constexpr, NT_PAD: tl.constexpr, SMOOTH: tl.constexpr,
-                NEED_T_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+                NEED_T_MASK: tl.constexpr, LOGMIX: tl.constexpr, BLOCK_V: tl.constexpr):
     """Sweep 2 (when SUMS): the row sums the gradient needs and the loss, as lane vectors
     (acc_a, acc_b, acc_m, acc_c, acc_ls, acc_k) and svec (S_i of the teachers that need a
     gradient); zeros otherwise."""
@@ -324,7 +372,7 @@ def _sums_sweep(s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dl
             mask = offs < hi2
             s, q, u, d, p, mref, lacc = _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs,
                                                mask, ms, lzs, mvec, dlvec, tix, inv_t, NT,
-                                               BLOCK_V)
+                                               LOGMIX, BLOCK_V)
             e = d
             f = d
             diff = d
@@ -348,7 +396,12 @@ def _sums_sweep(s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dl
                 acc_c += tl.where(diff == 0, q, 0.0)
             if SMOOTH:
                 acc_ls += tl.where(s == float("-inf"), 0.0, s - ms)
-            if NEED_T_MASK != 0:
+            if NEED_T_MASK != 0 and LOGMIX:
+                # One S for the mixture's logits y (slot 0): d/dt_i = w_i d/dy.
+                g = _teacher_g(DIV, d, f, diff, beta)
+                pg = _p_times_g(DIV, u, p, mref, lacc, p, q, g)
+                svec += tl.where(tix == 0, tl.sum(pg, axis=0), 0.0)
+            elif NEED_T_MASK != 0:
                 g = _teacher_g(DIV, d, f, diff, beta)
                 for i in tl.static_range(NT):
                     if (NEED_T_MASK >> i) & 1:
@@ -380,11 +433,21 @@ def _student_da(DIV: tl.constexpr, q, d, e, diff, d_row, sum_b, acc_m, acc_c, be
 
 @triton.jit
 def _store_teacher_grads(gt_ptrs, g_row, t_ptrs, t_strides, t_weights, row, offs, mask, mvec,
-                         dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, cf, DIV: tl.constexpr,
-                         NT: tl.constexpr, NEED_T_MASK: tl.constexpr):
-    """Teacher gradients of one chunk: cf w_i (p_i g - p_i S_i) for every teacher in the mask."""
+                         dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, u, cf,
+                         DIV: tl.constexpr, NT: tl.constexpr, NEED_T_MASK: tl.constexpr,
+                         LOGMIX: tl.constexpr):
+    """Teacher gradients of one chunk: cf w_i (p_i g - p_i S_i) for every teacher in the mask;
+    a log mixture: w_i times the gradient of its logits y, cf (p g - p S)."""
+    if LOGMIX:
+        pg = _p_times_g(DIV, u, p, mref, lacc, p, q, g)
+        gy = cf * (pg - tl.where(p == 0, 0.0, p * _pick(svec, tix, 0)))
     for i in tl.static_range(NT):
-        if (NEED_T_MASK >> i) & 1:
+        if LOGMIX and (NEED_T_MASK >> i) & 1:
+            w_i = t_weights[i]
+            gt = tl.where(w_i > 0, w_i * gy, 0.0)  # a zero-weight teacher has no gradient
+            gt_ptr = gt_ptrs[i]
+            tl.store(gt_ptr + g_row + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+        elif (NEED_T_MASK >> i) & 1:
             x_i = _teacher_b(t_ptrs, t_strides, row, i, offs, mask, mvec, tix, inv_t) \
                 + _pick(dlvec, tix, i)
             p_i = tl.exp(x_i - lzs)
@@ -402,7 +465,8 @@ def _grad_sweep(s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row
                 lzs, lz1, nf, mvec, dlvec, svec, tix, inv_t, beta, log_beta, log_1mbeta, eps,
                 cf, hw, d_row, sum_b, acc_m, acc_c, acc_k, acc_ls, SUMS: tl.constexpr,
                 DIV: tl.constexpr, NT: tl.constexpr, HARD: tl.constexpr, SMOOTH: tl.constexpr,
-                NEED_S: tl.constexpr, NEED_T_MASK: tl.constexpr, BLOCK_V: tl.constexpr):
+                NEED_S: tl.constexpr, NEED_T_MASK: tl.constexpr, LOGMIX: tl.constexpr,
+                BLOCK_V: tl.constexpr):
     """Sweep 3: the student and teacher gradients of the counted rows. Without a sums sweep (kl,
     student only) it also accumulates the loss: returns (acc_d, acc_k, acc_ls)."""
     lane = tl.arange(0, BLOCK_V)
@@ -412,7 +476,7 @@ def _grad_sweep(s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row
         offs = start + lane
         mask = offs < hi2
         s, q, u, d, p, mref, lacc = _chunk(s_row, t_ptrs, t_strides, t_weights, row, offs,
-                                           mask, ms, lzs, mvec, dlvec, tix, inv_t, NT,
+                                           mask, ms, lzs, mvec, dlvec, tix, inv_t, NT, LOGMIX,
                                            BLOCK_V)
         e = d
         f = d
@@ -434,8 +498,8 @@ def _grad_sweep(s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row
         if NEED_T_MASK != 0:
             g = _teacher_g(DIV, d, f, diff, beta)
             _store_teacher_grads(gt_ptrs, g_row, t_ptrs, t_strides, t_weights, row, offs, mask,
-                                 mvec, dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, cf,
-                                 DIV, NT, NEED_T_MASK)
+                                 mvec, dlvec, svec, tix, inv_t, lzs, mref, lacc, p, q, g, u, cf,
+                                 DIV, NT, NEED_T_MASK, LOGMIX)
     return acc_d, acc_k, acc_ls
 
 
@@ -463,7 +527,8 @@ def _logit_kd_kernel(
     V, ignore_index, inv_t, beta, soft_factor, hard_weight, eps,
     NT: tl.constexpr, NT_PAD: tl.constexpr, DIV: tl.constexpr, HAS_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr, HARD: tl.constexpr, SMOOTH: tl.constexpr, NEED_S: tl.constexpr,
-    NEED_T_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
+    NEED_T_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, LOGMIX: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     NEED_T_ANY: tl.constexpr = NEED_T_MASK != 0
     GRAD: tl.constexpr = NEED_S or NEED_T_ANY
@@ -479,14 +544,20 @@ def _logit_kd_kernel(
 
     # ---- sweep 1: statistics ---------------------------------------------------------------
     ms, zs, z1, nf = _student_stats(s_row, hi, inv_t, HARD, SMOOTH, BLOCK_V)
-    mvec, dlvec, n_masked = _teacher_stats(t_ptrs, t_strides, row, hi, zs, inv_t, tix, NT,
-                                           NT_PAD, BLOCK_V)
+    if LOGMIX:
+        mvec, dlvec, n_masked, y_masked = _mixture_stats(t_ptrs, t_strides, t_weights, row, hi,
+                                                         zs, inv_t, tix, NT, NT_PAD, BLOCK_V)
+    else:
+        mvec, dlvec, n_masked = _teacher_stats(t_ptrs, t_strides, row, hi, zs, inv_t, tix, NT,
+                                               NT_PAD, BLOCK_V)
+        y_masked = n_masked < 0  # False
     s_masked = (ms == NEG_INF) & (zs == 0.0)
     # NaN statistics are not "masked": they flow on into the loss (SPEC: NaN propagates).
     flag = (tl.where(bad_target, 1, 0) | tl.where(go & s_masked, 2, 0)
-            | tl.where(go & (n_masked > 0), 4, 0))
+            | tl.where(go & (n_masked > 0), 4, 0)
+            | tl.where(go & (n_masked == 0) & y_masked, 8, 0))
     tl.atomic_or(flags_ptr, flag, mask=flag != 0)
-    live = go & ((ms != NEG_INF) | (zs != 0.0)) & (n_masked == 0)
+    live = go & ((ms != NEG_INF) | (zs != 0.0)) & (n_masked == 0) & (y_masked == 0)
     hi2 = tl.where(live, V, 0)
     lzs = tl.log(zs)
     log_beta = tl.log(beta)
@@ -502,7 +573,7 @@ def _logit_kd_kernel(
     # ---- sweep 2: row sums (and the loss) --------------------------------------------------
     acc_a, acc_b, acc_m, acc_c, acc_ls, acc_k, svec = _sums_sweep(
         s_row, t_ptrs, t_strides, t_weights, row, hi2, ms, lzs, mvec, dlvec, tix, inv_t, beta,
-        log_beta, log_1mbeta, SUMS, DIV, NT, NT_PAD, SMOOTH, NEED_T_MASK, BLOCK_V)
+        log_beta, log_1mbeta, SUMS, DIV, NT, NT_PAD, SMOOTH, NEED_T_MASK, LOGMIX, BLOCK_V)
     sum_a = tl.sum(acc_a, axis=0)
     sum_b = tl.sum(acc_b, axis=0)
     if DIV == 2:
@@ -522,7 +593,7 @@ def _logit_kd_kernel(
             s_row, t_ptrs, t_strides, t_weights, gs_ptr, gt_ptrs, g_row, row, y, hi2, V, ms,
             lzs, lz1, nf, mvec, dlvec, svec, tix, inv_t, beta, log_beta, log_1mbeta, eps,
             soft_factor * inv_t * scale, hard_weight * scale, d_row, sum_b, acc_m, acc_c, acc_k,
-            acc_ls, SUMS, DIV, NT, HARD, SMOOTH, NEED_S, NEED_T_MASK, BLOCK_V)
+            acc_ls, SUMS, DIV, NT, HARD, SMOOTH, NEED_S, NEED_T_MASK, LOGMIX, BLOCK_V)
         if not SUMS:
             d_row = tl.sum(acc_d, axis=0)
             sum_b = tl.sum(acc_b, axis=0)
@@ -692,7 +763,7 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
             hard term).
         weights: the normalised teacher weights (floats, sum 1, zeros allowed).
         cfg: a :class:`fastkd.logit.config.LogitKDConfig` (temperature, divergence, beta,
-            soft_factor, hard_weight, label_smoothing, ignore_index).
+            soft_factor, hard_weight, label_smoothing, ignore_index, teacher_mixture).
         grad_scale: float32 tensor with one value multiplying every gradient, or ``None``.
         need_s: write the student gradient.
         need_t: one bool per teacher: write that teacher's gradient.
@@ -704,8 +775,9 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
         rows that do not count); ``grad_student`` ``[N, V]`` contiguous in the student dtype or
         ``None``; ``grad_teachers`` a list with a ``[N, V]`` tensor in the teacher dtype or
         ``None`` per teacher; ``flags`` int32 ``[1]`` OR of 1 (a counted target outside
-        [0, V)), 2 (a counted student row all -inf), 4 (a counted teacher row all -inf). Rows
-        with a flag get loss 0 and gradient 0; the caller raises.
+        [0, V)), 2 (a counted student row all -inf), 4 (a counted teacher row all -inf), 8 (a
+        counted row of the log mixture all -inf). Rows with a flag get loss 0 and gradient 0;
+        the caller raises.
     """
     rows, vocab = _check_student(student)
     device = student.device
@@ -741,7 +813,8 @@ def logit_kd_forward(student, teachers, target, weights, cfg, grad_scale, need_s
     meta = dict(
         NT=nt, NT_PAD=max(2, triton.next_power_of_2(nt)), DIV=int(div),
         HAS_TARGET=target is not None, HAS_IGNORE=has_ignore, HARD=hard, SMOOTH=smooth,
-        NEED_S=bool(need_s), NEED_T_MASK=need_mask, HAS_SCALE=scale is not None, **opts,
+        NEED_S=bool(need_s), NEED_T_MASK=need_mask, HAS_SCALE=scale is not None,
+        LOGMIX=bool(cfg.log_mixture and nt > 1), **opts,
     )
     _launch_rows(_logit_kd_kernel, device, rows, args, meta)
     return row_loss, grad_s, grad_t, flags

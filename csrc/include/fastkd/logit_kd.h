@@ -2,6 +2,8 @@
 //
 // For every row r (student s, teachers t_i with weights w_i, temperature T):
 //   q = softmax(s/T),  p = sum_i w_i softmax(t_i/T)
+//   (log_mixture: log p = sum_i w_i log softmax(t_i/T) - logsumexp(.) = log softmax(y/T) with
+//   y = sum_{w_i > 0} w_i t_i: one teacher with logits y, and d/dt_i = w_i d/dy)
 //   row_loss[r] = soft_factor * D(p, q) + hard_weight * CE(softmax(s), target[r], label_smoothing)
 // with D one of KL(p||q), KL(q||p), JSD_beta, TVD (SPEC §1) and soft_factor = soft_weight * T^2
 // (or soft_weight without t2_scale). Entries of -inf have probability 0 and contribute 0.
@@ -25,6 +27,7 @@ enum : int {
   kFlagTargetOutOfRange = 1,   // a counted row's target is outside [0, V)
   kFlagStudentAllMasked = 2,   // a counted row of the student is -inf everywhere
   kFlagTeacherAllMasked = 4,   // a counted row of a teacher is -inf everywhere
+  kFlagMixtureAllMasked = 8,   // log_mixture: a counted row of y is -inf everywhere
 };
 
 struct LogitKDParams {
@@ -58,6 +61,8 @@ struct LogitKDParams {
   void* grad_student = nullptr;              // [rows, vocab] contiguous, student dtype, or null
   void* grad_teacher[kMaxTeachers] = {};     // [rows, vocab] contiguous, teacher dtype, or null
   int* flags = nullptr;                      // device int, OR-ed with kFlag* bits
+
+  bool log_mixture = false;                  // several teachers mixed in log space (see above)
 };
 
 // CPU kernel (csrc/cpu/logit_kd.cpp): at::parallel_for over rows, at::vec inner loops.
