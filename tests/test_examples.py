@@ -141,3 +141,14 @@ def test_hf_trainer_kd_runs(mode):
         ["--mode", mode, "--vocab", "50", "--length", "8", "--batch-size", "4",
          "--teacher-layers", "1", "--teacher-steps", "2", "--student-steps", "2"])
     assert len(out) == 2 and all(math.isfinite(v) for v in out.values())
+
+
+def test_trl_gkd_example_runs():
+    """examples/trl_gkd_fastkd.py: FastKDGKDTrainer's loss equals TRL's on a batch, and a few
+    on-policy steps run."""
+    pytest.importorskip("trl")
+    out = _load("trl_gkd_fastkd").main(
+        ["--vocab", "50", "--length", "12", "--batch-size", "4", "--teacher-steps", "2",
+         "--student-steps", "2", "--threads", "1"])
+    assert out["fastkd_loss"] == pytest.approx(out["trl_loss"], rel=1e-4)
+    assert math.isfinite(out["after"])
