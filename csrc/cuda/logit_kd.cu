@@ -32,8 +32,8 @@ constexpr int kLargeBlocksPerSm = 2;
 constexpr int kSmallThreads = 128;
 constexpr int kSmallBlocksPerSm = 8;
 constexpr int64_t kSmallVocab = 4096;
-// Several teachers: 512 threads per row, 1 CTA per SM (the per-teacher loops need 110 (sm_80) to
-// 115 (sm_90) registers, benchmarks/results/resources-cuda.md; with 64 they spill), which also
+// Several teachers: 512 threads per row, 1 CTA per SM (the per-teacher loops need 112 (sm_90) to
+// 113 (sm_80) registers, benchmarks/results/resources-cuda.md; with 64 they spill), which also
 // leaves the whole shared memory to the row cache.
 constexpr int kMultiThreads = 512;
 constexpr int kMultiBlocksPerSm = 1;
