@@ -84,7 +84,8 @@ def test_every_kernel_family_is_in_the_table(regenerated):
     table, _ = regenerated
     dtypes = ["float", "__nv_bfloat16", "__half"]
     want = {"logit_kd_kernel<false, 128, 8>", "logit_kd_kernel<false, 512, 2>",
-            "logit_kd_kernel<true, 512, 1>", "sp_stats_kernel", "sp_tile_kernel",
+            "logit_kd_kernel<true, 512, 1>", "logit_topk_kernel<128, 6>",
+            "logit_topk_kernel<256, 3>", "sp_stats_kernel", "sp_tile_kernel",
             "rkd_stats_kernel", "rkd_tile_kernel", "angle_t_kernel", "angle_r_kernel",
             "pkt_stats_kernel", "pkt_tile_kernel"}
     want |= {f"{k}<{t}, {g}>" for k in ("rows_kernel", "columns_kernel") for t in dtypes
