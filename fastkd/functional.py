@@ -19,15 +19,19 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          ignore_index=-100, label_smoothing=0.0, reduction="mean",
                          teacher_weights=None, backend="auto", process_group=None,
                          num_items_in_batch=None, teacher_mixture="prob", uld_top=None,
-                         vocab_mismatch="error"):
+                         vocab_mismatch="error", student_softcap=None, teacher_softcap=None,
+                         student_logit_scale=1.0, teacher_logit_scale=1.0):
     r"""Logit KD with the lm_head fused in (no ``N x V`` logits held); see
-    :class:`fastkd.FusedLinearKDLoss` for the arguments and formula."""
+    :class:`fastkd.FusedLinearKDLoss` for the arguments and formula (softcap and logit scale:
+    logits ``c * tanh(a * (h W^T + b) / c)``)."""
     return _fused_linear.fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias,
         teacher_bias, teacher_logits, cfg=LogitKDConfig.pick(locals()),
         teacher_topk=teacher_topk, teacher_weights=teacher_weights, backend=backend,
         chunk_size=chunk_size, process_group=process_group,
-        num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
+        num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
 
 
 def sp_loss(student_features, teacher_features, *, reduction="mean", backend="auto",

@@ -1,9 +1,9 @@
 """FusedLinearKDLoss, sparse top-k teachers and vocabulary mismatch (SPEC §1b).
 
 Every fused backend is compared with the float64 reference computed on materialised logits.
-For bf16/fp16 inputs the reference sees the logits the fused path sees: the linear layer's output
-rounded to the input dtype (what ``nn.Linear`` in that dtype produces), with the rounding treated
-as the identity in backward; SPEC §1's tolerances then apply.
+For bf16/fp16 inputs the reference takes the exact logits of the low-precision hidden states and
+weights: the fused path keeps each chunk's logits in float32 (not rounded to the input dtype, as
+``nn.Linear`` in that dtype would), so SPEC §1's tolerances apply to the exact gradients.
 """
 from __future__ import annotations
 
@@ -27,11 +27,9 @@ def _interp(backend):
 
 
 def _rounded_linear(h, w, b, dtype):
-    """h @ w.T + b in float64, rounded to ``dtype`` in the forward only (straight-through)."""
-    out = h @ w.t() + (0 if b is None else b)
-    if dtype == torch.float32:
-        return out
-    return out + (out.to(dtype).double() - out).detach()
+    """h @ w.T + b in float64: the exact logits, whatever ``dtype`` the inputs came in (the
+    fused path does not round the logits to it)."""
+    return h @ w.t() + (0 if b is None else b)
 
 
 def _inputs(n, hs_dim, ht_dim, vs, vt, dtype, device, *, bias=True, seed=0, ignore=True):
@@ -48,14 +46,18 @@ def _inputs(n, hs_dim, ht_dim, vs, vt, dtype, device, *, bias=True, seed=0, igno
     return {k: (v.to(device) if v is not None else None) for k, v in x.items()}
 
 
+def _teacher_logits(x):
+    """The teacher logits given as ``teacher_logits``: computed in the inputs' dtype."""
+    return (x["ht"] @ x["wt"].t() + (0 if x["bt"] is None else x["bt"])).detach()
+
+
 def _fused(x, backend, teacher="linear", teacher_grad=False, topk=None, chunk=None, **kw):
     """Fused run: returns (loss, {name: grad})."""
     p = {k: (x[k].clone().requires_grad_(k in ("hs", "ws", "bs") or teacher_grad)
              if x[k] is not None else None) for k in ("hs", "ws", "bs", "ht", "wt", "bt")}
     tl = None
     if teacher == "logits":
-        tl = (x["ht"] @ x["wt"].t() + (0 if x["bt"] is None else x["bt"])).detach()
-        tl.requires_grad_(teacher_grad)
+        tl = _teacher_logits(x).requires_grad_(teacher_grad)
     args = dict(student_bias=p["bs"], target=x["y"], chunk_size=chunk, backend=backend, **kw)
     if teacher == "linear":
         loss = fused_linear_kd_loss(p["hs"], p["ws"], p["ht"], p["wt"], teacher_bias=p["bt"],
@@ -82,8 +84,8 @@ def _reference(x, dtype, teacher="linear", teacher_grad=False, topk=None, **kw):
                        backend="reference", **kw)
     else:
         t = _rounded_linear(p["ht"], p["wt"], p["bt"], dtype)
-        if teacher == "logits":
-            t = t.detach().requires_grad_(teacher_grad)
+        if teacher == "logits":  # as given, in the inputs' dtype
+            t = _teacher_logits(x).double().requires_grad_(teacher_grad)
             grads_of["tl"] = t
         loss = kd_loss(s, t, x["y"], backend="reference", **kw)
     loss.sum().backward() if loss.dim() else loss.backward()
@@ -280,8 +282,7 @@ def test_autocast_bf16_cpu():
     loss.backward()
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
     hb, wb = h.detach().bfloat16().double(), w.detach().bfloat16().double()
-    ref = kd_loss((hb @ wb.t()).bfloat16().double(), t.double(), temperature=2.0,
-                  backend="reference")
+    ref = kd_loss(hb @ wb.t(), t.double(), temperature=2.0, backend="reference")
     assert_close_loss(loss, ref, torch.bfloat16)
 
 
@@ -350,8 +351,10 @@ def _opcheck_args(reduction, kind):
                "topk": (None, None, None, None, idx, lp)}[kind]
     ht_, wt_, bt_, tl_, idx_, lp_ = teacher
     need = [True, True, True, False, False, False, False]
+    # softcap and scale (student, then teacher): exercised with the hidden+weight teacher
+    transforms = (5.0, 0.8, 3.0, 1.2) if kind == "linear" else (None, 1.0, None, 1.0)
     return (hs, ws, bs, ht_, wt_, bt_, tl_, y, idx_, lp_,
-            *cfg.as_args(), 4, 11, kind, need, "cpu")
+            *cfg.as_args(), 4, 11, kind, need, "cpu", *transforms)
 
 
 @pytest.mark.skipif(not fastkd.available_backends()["cpu"]["available"], reason="no cpu kernels")
@@ -405,3 +408,36 @@ def test_compile_fullgraph_student_lm_head():
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-6)
     for p, r in zip([*body.parameters(), head.weight], ref):
         assert torch.allclose(p.grad, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("vs,vt", [(83, 131), (131, 59)], ids=["teacher-longer", "student-longer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_uld_each_side_its_own_vocabulary(backend, device, vs, vt, dtype):
+    """divergence="uld": the chunks run the ULD kernels with V_s != V_t (no truncation); same
+    loss and gradients as KDLoss(divergence="uld", backend="reference") on the exact logits."""
+    if _interp(backend):
+        pytest.skip("triton interpreter: slow for the ULD pass")
+    n = 19
+    x = _inputs(n, 12, 10, vs, vt, dtype, device)
+    x["y"] = x["y"] % vs
+    x["y"][1] = -100
+    for kw in (dict(temperature=2.0, hard_weight=0.5), dict(uld_top=20, label_smoothing=0.1,
+                                                            hard_weight=1.0)):
+        kw["divergence"] = "uld"
+        # bf16 teacher logits tie, and with uld_top the top-k orders ties arbitrarily (a
+        # one-sided gradient, fastkd/logit/uld.py), KDLoss's as well: float32 logits only then.
+        tie_order = kw.get("uld_top") and dtype != torch.float32
+        for teacher in ("linear",) if tie_order else ("linear", "logits"):
+            ref = _reference(x, dtype, teacher=teacher, teacher_grad=True, **kw)
+            for chunk in (7, None):  # tail chunk of 5; one chunk
+                got = _fused(x, backend, teacher=teacher, teacher_grad=True, chunk=chunk, **kw)
+                _compare(got, ref, dtype)
+                if teacher == "logits":
+                    assert got[1]["tl"].shape == (n, vt)
+                else:
+                    assert got[1]["wt"].shape == (vt, 10) and got[1]["ws"].shape == (vs, 12)
+    with pytest.raises(ValueError, match="divergence='uld'.*not teacher_topk"):
+        fastkd.FusedLinearKDLoss(divergence="uld")(
+            x["hs"], x["ws"], teacher_topk=(torch.tensor([[0, 1]] * n, device=device),
+                                            torch.full((n, 2), -2.0, device=device)))

@@ -5,7 +5,7 @@ import torch
 
 from fastkd import _backend, _checks, functional
 from fastkd.logit.config import LogitKDConfig, check_vocab_mismatch
-from fastkd.logit.fused_linear import check_chunk_size
+from fastkd.logit.fused_linear import check_chunk_size, check_logit_transform
 
 
 def _init_logit_module(module, args, n_teachers=None):
@@ -202,6 +202,17 @@ class FusedLinearKDLoss(torch.nn.Module):
             states receive this rank's partial gradient (the tensor-parallel layer upstream
             all-reduces it); the weight shards get their exact gradients. ``target`` holds
             global vocabulary ids. Not with ``teacher_topk``. Default: None.
+        student_softcap (float, optional): :math:`c_s > 0`; the student logits become
+            :math:`c_s \tanh(a_s (h_s W_s^\top + b_s) / c_s)` (Gemma-2 style logit soft-capping)
+            inside each chunk, before the divergence and the hard CE. Default: None (no tanh:
+            :math:`a_s (h_s W_s^\top + b_s)`).
+        teacher_softcap (float, optional): :math:`c_t`, the same for a teacher given as
+            ``teacher_hidden``/``teacher_weight`` (``teacher_logits`` and ``teacher_topk`` are
+            taken as final: a ``ValueError`` if it is given with them). Default: None.
+        student_logit_scale (float): :math:`a_s > 0`, multiplies the student logits (inside the
+            tanh when capped). Default: 1.0.
+        teacher_logit_scale (float): :math:`a_t > 0`, the same for the teacher (hidden/weight
+            teacher only). Default: 1.0.
 
     Forward:
         ``fn(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
@@ -223,25 +234,36 @@ class FusedLinearKDLoss(torch.nn.Module):
     Vocabulary mismatch: with :math:`V_t \ne V_s` the first :math:`\min(V_s, V_t)` entries are
     compared and the extra entries of the longer side are masked out before the softmax (both
     terms, as in :class:`KDLoss`); the extra rows of the longer weight get zero gradient.
+    With ``divergence="uld"`` each side keeps its own vocabulary (another tokenizer; one dense
+    teacher, not ``teacher_topk``), as in :class:`KDLoss`.
 
     Gradients go to student_hidden, student_weight and student_bias (and to the teacher inputs
-    that require grad), in their own dtypes. The hidden states and weight (and bias) of one side
-    must share a dtype; under ``torch.autocast`` they are cast to the autocast dtype first, as
-    ``F.linear`` would. Low-precision weight gradients are accumulated over chunks in float32
-    and rounded once (this costs a float32 buffer the size of the weight while the loss runs
-    when there is more than one chunk). For ``"mean"``/``"sum"`` the gradients are computed in
-    the forward pass and backward only scales them (once: no second backward through a retained
-    graph); ``"none"`` recomputes the chunks in backward.
+    that require grad), in their own dtypes; with the softcap, through
+    :math:`\partial s / \partial z = a (1 - \tanh^2(a z / c))`. The hidden states and weight
+    (and bias) of one side must share a dtype; under ``torch.autocast`` they are cast to the
+    autocast dtype first, as ``F.linear`` would. With bf16/fp16 inputs the chunk's logits and
+    logit gradients are float32 (the GEMMs take the low-precision operands and return float32;
+    on CPU the operands are widened), so the gradients are rounded to the input dtype once;
+    low-precision weight gradients are accumulated over chunks in float32 (a float32 buffer the
+    size of the weight while the loss runs; on CPU also a float32 copy of each weight). For
+    ``"mean"``/``"sum"`` the gradients are computed in the forward pass and backward only scales
+    them (once: no second backward through a retained graph); ``"none"`` recomputes the chunks
+    in backward.
     """
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                  reduction="mean", teacher_weights=None, backend="auto", chunk_size=None,
                  process_group=None, teacher_mixture="prob", uld_top=None,
-                 vocab_mismatch="error"):
+                 vocab_mismatch="error", student_softcap=None, teacher_softcap=None,
+                 student_logit_scale=1.0, teacher_logit_scale=1.0):
         super().__init__()
         _init_logit_module(self, locals())
         self.chunk_size = check_chunk_size(chunk_size)
+        self.student_softcap, self.student_logit_scale = check_logit_transform(
+            "student_softcap", student_softcap, "student_logit_scale", student_logit_scale)
+        self.teacher_softcap, self.teacher_logit_scale = check_logit_transform(
+            "teacher_softcap", teacher_softcap, "teacher_logit_scale", teacher_logit_scale)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 target=None, student_bias=None, teacher_bias=None, teacher_logits=None, *,
@@ -252,7 +274,9 @@ class FusedLinearKDLoss(torch.nn.Module):
             teacher_weights=self.teacher_weights, backend=self.backend,
             chunk_size=self.chunk_size, process_group=self.process_group,
             num_items_in_batch=num_items_in_batch, vocab_mismatch=self.vocab_mismatch,
-            **_current_config(self))
+            student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
+            student_logit_scale=self.student_logit_scale,
+            teacher_logit_scale=self.teacher_logit_scale, **_current_config(self))
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, "
