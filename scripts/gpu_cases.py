@@ -44,6 +44,9 @@ CUDA_TYPE = {F32: "float", BF16: "__nv_bfloat16", F16: "__half"}
 LOGIT_SMALL = "logit_kd_kernel<false, 128, 8>"
 LOGIT_LARGE = "logit_kd_kernel<false, 512, 2>"
 LOGIT_MULTI = "logit_kd_kernel<true, 512, 1>"
+#: kernels of the top-k launcher (csrc/cuda/logit_topk.cu): V <= 4096, larger V
+TOPK_SMALL = "logit_topk_kernel<128, 6>"
+TOPK_LARGE = "logit_topk_kernel<256, 3>"
 
 
 @dataclass
@@ -167,6 +170,38 @@ def logit_cases():
     ]
 
 
+def _topk_case(name, kernel, *, n, vocab, k, sdt, divergence="kl", hard=False):
+    """KD against a sparse top-k teacher (one slot of row 0 empty, -1) vs the reference."""
+    from fastkd.functional import kd_loss
+
+    def run(dev, backend):
+        g = torch.Generator().manual_seed(_seed(name))
+        s = (3 * torch.randn(n, vocab, generator=g)).to(dev, sdt).requires_grad_()
+        t = 3 * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+        lp, idx = torch.log_softmax(t / 2.0, -1).topk(k, -1)
+        idx[0, -1] = -1
+        idx, lp = idx.to(dev), lp.float().to(dev)
+        y = torch.randint(0, vocab, (n,), generator=g).to(dev)
+        y[-1] = -100
+        kw = dict(divergence=divergence, temperature=2.0, beta=0.3,
+                  hard_weight=0.5 if hard else 0.0)
+
+        def f(backend):
+            return lambda s_: kd_loss(s_, None, y if hard else None, backend=backend,
+                                      teacher_topk=(idx, lp), **kw)
+        return _against_reference(f(backend), f("reference"), [s], _tol(sdt))
+    return Case(name, frozenset({kernel}), run)
+
+
+def topk_cases():
+    return [
+        _topk_case("topk-small-bf16-kl-hard", TOPK_SMALL, n=3, vocab=1000, k=20, sdt=BF16,
+                   hard=True),
+        _topk_case("topk-large-f32-jsd", TOPK_LARGE, n=2, vocab=33000, k=64, sdt=F32,
+                   divergence="jsd"),
+    ]
+
+
 # ----------------------------------------------------------------------------------- feature
 def _feature_case(layout, tdt, gdt, loss):
     """Teacher dtype tdt picks the kernel's T; the dL/dy dtype G is the student (= adapter)
@@ -230,7 +265,7 @@ def relation_cases():
 
 
 def all_cases():
-    return logit_cases() + feature_cases() + relation_cases()
+    return logit_cases() + topk_cases() + feature_cases() + relation_cases()
 
 
 # -------------------------------------------------------------------------------- mixed order
