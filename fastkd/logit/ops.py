@@ -35,8 +35,6 @@ def _triton_kernel(student, teachers, target, weights, cfg, grad_scale, need_s, 
 
 
 KERNELS = {"cpu": _ext_kernel, "cuda": _ext_kernel, "triton": _triton_kernel}
-#: The backends whose kernels mix several teachers in log space (teacher_mixture="logprob").
-LOG_MIXTURE_KERNELS: set[str] = {"cpu", "cuda", "triton"}
 
 
 def _kd_loss_topk(student_logits, teacher_logits, target, teacher_topk, cfg, backend,
@@ -83,9 +81,6 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
     student = unit_stride(student)
     teachers = [unit_stride(t) for t in teachers]
     tgt = None if target is None else target.contiguous()
-    if cfg.log_mixture and len(teachers) > 1 and backend not in LOG_MIXTURE_KERNELS:
-        raise NotImplementedError(f"teacher_mixture='logprob' has no {backend!r} kernel yet; "
-                                  f"use backend='reference'")
     with _custom_op.kernel_context(student.device):
         count = mean_count(tgt, cfg.ignore_index, student.shape[0], student.device, num_items)
         grad_scale = (1.0 / count).reshape(1) if cfg.reduction == "mean" else None

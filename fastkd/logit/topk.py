@@ -136,6 +136,13 @@ def check_topk_data(idx, lp, vocab, name="teacher_topk"):
                              "probabilities of a row sum to more than 1")
 
 
+def check_topk_teachers(pairs, vocab):
+    """:func:`check_topk_data` of each ``(indices, logprobs)`` pair, naming the teacher
+    (``teacher_topk[i]`` when there are several)."""
+    for i, (idx, lp) in enumerate(pairs):
+        check_topk_data(idx, lp, vocab, f"teacher_topk[{i}]" if len(pairs) > 1 else "teacher_topk")
+
+
 @torch.library.custom_op(f"{_custom_op.NAMESPACE}::merge_topk", mutates_args=(),
                          schema="(Tensor[] indices, Tensor[] logprobs, float[] weights, "
                                 "int vocab) -> (Tensor, Tensor)",
@@ -144,9 +151,9 @@ def merge_topk_op(indices, logprobs, weights, vocab):
     """``fastkd::merge_topk``: several top-k teachers (``[N, k_i]`` each, at the loss's
     temperature) checked (:func:`check_topk_data`, naming the teacher) and mixed with
     ``weights`` into one (:func:`~fastkd.logit.topk_teacher.merge_topk_teachers`)."""
-    for i, (idx, lp) in enumerate(zip(indices, logprobs)):
-        check_topk_data(idx, lp, vocab, f"teacher_topk[{i}]")
-    return merge_topk_teachers(list(zip(indices, logprobs)), list(weights), vocab)
+    pairs = list(zip(indices, logprobs))
+    check_topk_teachers(pairs, vocab)
+    return merge_topk_teachers(pairs, list(weights), vocab)
 
 
 @merge_topk_op.register_fake
@@ -387,10 +394,7 @@ def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, n
     if backend_name == "reference":
         pairs, weights = validate_topk_teachers(teacher_topk, student_logits, cfg.temperature,
                                                 teacher_weights)
-        vocab = s2.shape[-1]
-        for i, (idx, lp) in enumerate(pairs):
-            check_topk_data(idx, lp, vocab,
-                            f"teacher_topk[{i}]" if len(pairs) > 1 else "teacher_topk")
+        check_topk_teachers(pairs, s2.shape[-1])
         if len(pairs) > 1:
             idx, lp = [i for i, _ in pairs], [lp for _, lp in pairs]
         else:
