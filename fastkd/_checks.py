@@ -53,6 +53,16 @@ def check_finite_number(name: str, value, *, positive=False, nonnegative=False) 
     return value
 
 
+def check_positive(name: str, value) -> float:
+    """A finite number > 0."""
+    return check_finite_number(name, value, positive=True)
+
+
+def check_nonnegative(name: str, value) -> float:
+    """A finite number >= 0 (e.g. a loss weight)."""
+    return check_finite_number(name, value, nonnegative=True)
+
+
 def check_same_device(**tensors) -> torch.device:
     """All non-None tensors on one device; returns it."""
     device = None

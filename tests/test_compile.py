@@ -57,14 +57,21 @@ def test_opcheck_logit(backend, device):
     t2 = torch.randn(5, 7, generator=g).to(device)
     y = torch.tensor([1, -100, 6, 0, 3], device=device)
     torch.library.opcheck(L.logit_kd_op, (s, [t1, t2], y, [0.25, 0.75], 2.0, 1.0, 0.5, "jsd", 0.3,
-                                          True, -100, 0.1, "mean", "prob", None, True,
+                                          True, -100, 0.1, "mean", "prob", None, None, True,
                                           [True, False], backend))
     torch.library.opcheck(L.logit_kd_op, (s, [t1], None, [1.0], 1.0, 1.0, 0.0, "kl", 0.5, True,
-                                          -100, 0.0, "none", "prob", None, True, [True], backend))
+                                          -100, 0.0, "none", "prob", None, None, True, [True],
+                                          backend))
+    # A schedule under torch.compile: temperature and weights as data (fastkd._dynamic).
+    dynamic = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    nan = float("nan")
+    torch.library.opcheck(L.logit_kd_op, (s, [t1], y, [1.0], nan, nan, nan, "kl", 0.5, True,
+                                          -100, 0.0, "mean", "prob", None, dynamic, True, [True],
+                                          backend))
     num_items = torch.tensor(11, device=device).float()  # SPEC §1e: the step's count
     torch.library.opcheck(L.logit_kd_op, (s, [t1], y, [1.0], 1.5, 1.0, 0.5, "kl", 0.5, True,
-                                          -100, 0.0, "mean", "prob", None, True, [True], backend,
-                                          num_items))
+                                          -100, 0.0, "mean", "prob", None, None, True, [True],
+                                          backend, num_items))
 
 
 def test_opcheck_logit_checked_rows():
@@ -106,7 +113,10 @@ def test_opcheck_relation(backend, device):
     s = torch.randn(6, 4, generator=g).to(device).requires_grad_()
     t = torch.randn(6, 3, generator=g).to(device).requires_grad_()
     torch.library.opcheck(R.sp_op, (s, t, "mean", True, True, 0, backend))
-    torch.library.opcheck(R.rkd_op, (s, t.detach(), 1.0, 2.0, "sum", True, False, 0, backend))
+    torch.library.opcheck(R.rkd_op, (s, t.detach(), 1.0, 2.0, None, "sum", True, False, 0, backend))
+    weights = torch.tensor([0.5, 1.5], dtype=torch.float64)  # as data (fastkd._dynamic)
+    torch.library.opcheck(R.rkd_op, (s, t, float("nan"), float("nan"), weights, "mean", True,
+                                     True, 0, backend))
     torch.library.opcheck(R.pkt_op, (s, t, 1e-7, "mean", True, True, 0, backend))
 
 

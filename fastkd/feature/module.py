@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from fastkd import _backend, _checks
+from fastkd import _backend, _checks, _dynamic
 from fastkd.feature import ops as _feature
 
 
@@ -53,6 +53,8 @@ class FeatureKDLoss(torch.nn.Module):
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
         chunk_size (int, optional): rows per chunk of the fused pass (None: automatic).
         device, dtype: of the parameters, as in ``nn.Linear``.
+        loss_weight (float): :math:`w \ge 0`, multiplies the loss (schedulable without
+            recompilation, see :mod:`fastkd.schedules`). Default: 1.0.
 
     Attributes:
         weight: ``[teacher_dim, student_dim]``, initialised like ``nn.Linear``
@@ -77,10 +79,13 @@ class FeatureKDLoss(torch.nn.Module):
         >>> loss = kd2(s_map, t_map)
     """
 
+    loss_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
+
     def __init__(self, student_dim, teacher_dim, bias=True, loss="mse", channel_dim=-1,
                  reduction="mean", adapter=True, backend="auto", chunk_size=None, device=None,
-                 dtype=None):
+                 dtype=None, loss_weight=1.0):
         super().__init__()
+        self.loss_weight = loss_weight
         self.student_dim = _check_dim("student_dim", student_dim)
         self.teacher_dim = _check_dim("teacher_dim", teacher_dim)
         self.loss = _checks.check_choice("loss", loss, _feature.LOSSES)
@@ -143,13 +148,15 @@ class FeatureKDLoss(torch.nn.Module):
                 raise ValueError(f"teacher_feat has {teacher_feat.shape[cd]} channels along "
                                  f"channel_dim={self.channel_dim} but this FeatureKDLoss has "
                                  f"teacher_dim={self.teacher_dim}")
-        return _feature.feature_kd_loss(student_feat, teacher_feat, self.weight, self.bias,
+        loss = _feature.feature_kd_loss(student_feat, teacher_feat, self.weight, self.bias,
                                         loss=self.loss, channel_dim=self.channel_dim,
                                         reduction=self.reduction, backend=self.backend,
                                         chunk_size=self.chunk_size)
+        return _dynamic.scale_loss(self, loss)
 
     def extra_repr(self) -> str:
         return (f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, "
                 f"bias={self.bias is not None}, loss={self.loss!r}, "
                 f"channel_dim={self.channel_dim}, reduction={self.reduction!r}, "
+                f"loss_weight={self.loss_weight}, "
                 f"adapter={self.adapter}, backend={self.backend!r}")

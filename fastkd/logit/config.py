@@ -8,9 +8,11 @@ kernels' error bits into exceptions.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastkd import _checks
+from fastkd import _checks, _dynamic
 from fastkd.logit.reference import DIVERGENCES, jsd_endpoint
 
 DIVERGENCE_IDS = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
@@ -29,27 +31,43 @@ VOCAB_MISMATCH = ("error", "truncate")
 #: The configuration in a custom-op schema, in ``LogitKDConfig.__slots__`` order.
 CONFIG_SCHEMA = ("float temperature, float soft_weight, float hard_weight, str divergence, "
                  "float beta, bool t2_scale, int ignore_index, float label_smoothing, "
-                 "str reduction, str teacher_mixture, int? uld_top")
+                 "str reduction, str teacher_mixture, int? uld_top, Tensor? dynamic")
+#: The hyperparameters that may be tensors (schedules under ``torch.compile``, see
+#: :mod:`fastkd._dynamic`): in the op they arrive packed in ``dynamic``.
+DYNAMIC_FIELDS = ("temperature", "soft_weight", "hard_weight")
+
+
+def check_temperature(name: str, value) -> float:
+    value = _checks.check_positive(name, value)
+    if not TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        # The kernels use 1/T and T**2 in float32: outside this range one of them overflows
+        # (NaN losses, or an OverflowError for T**2 in Python).
+        raise ValueError(f"{name} must be in [{TEMPERATURE_RANGE[0]:g}, "
+                         f"{TEMPERATURE_RANGE[1]:g}] (1/T and T**2 are float32 in the "
+                         f"kernels), got {value}")
+    return value
+
+
+DYNAMIC_CHECKS = (check_temperature, _checks.check_nonnegative, _checks.check_nonnegative)
 
 
 class LogitKDConfig:
     """Validated scalar arguments of one KD call (also what the kernels receive)."""
 
     __slots__ = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "t2_scale",
-                 "ignore_index", "label_smoothing", "reduction", "teacher_mixture", "uld_top")
+                 "ignore_index", "label_smoothing", "reduction", "teacher_mixture", "uld_top",
+                 "dynamic")
+    #: The user-facing arguments (``dynamic`` is derived: the tensor-valued ones, packed).
+    ARGS = __slots__[:-1]
 
     def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="kl",
                  beta=0.5, t2_scale=True, ignore_index=-100, label_smoothing=0.0,
                  reduction="mean", teacher_mixture="prob", uld_top=None):
-        self.temperature = _checks.check_finite_number("temperature", temperature, positive=True)
-        if not TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1]:
-            # The kernels use 1/T and T**2 in float32: outside this range one of them overflows
-            # (NaN losses, or an OverflowError for T**2 in Python).
-            raise ValueError(f"temperature must be in [{TEMPERATURE_RANGE[0]:g}, "
-                             f"{TEMPERATURE_RANGE[1]:g}] (1/T and T**2 are float32 in the "
-                             f"kernels), got {self.temperature}")
-        self.soft_weight = _checks.check_finite_number("soft_weight", soft_weight, nonnegative=True)
-        self.hard_weight = _checks.check_finite_number("hard_weight", hard_weight, nonnegative=True)
+        # Floats, or (while torch.compile traces) one-element tensors checked in the op.
+        self.temperature, self.soft_weight, self.hard_weight = (
+            _dynamic.resolve(name, value, check) for name, value, check in
+            zip(DYNAMIC_FIELDS, (temperature, soft_weight, hard_weight), DYNAMIC_CHECKS))
+        _, self.dynamic = _dynamic.pack([self.temperature, self.soft_weight, self.hard_weight])
         self.divergence = _checks.check_choice("divergence", divergence, DIVERGENCES)
         self.beta = _checks.check_finite_number("beta", beta)
         if not 0.0 <= self.beta <= 1.0:
@@ -80,23 +98,37 @@ class LogitKDConfig:
     @classmethod
     def pick(cls, arguments: dict) -> "LogitKDConfig":
         """The configuration among ``arguments`` (e.g. a function's ``locals()``), validated."""
-        return cls(**{key: arguments[key] for key in cls.__slots__})
+        return cls(**{key: arguments[key] for key in cls.ARGS})
 
     def as_dict(self) -> dict:
-        return {key: getattr(self, key) for key in self.__slots__}
+        return {key: getattr(self, key) for key in self.ARGS}
 
     def as_args(self) -> tuple:
-        """The fields in ``__slots__`` order: how the custom ops receive the configuration."""
-        return tuple(getattr(self, key) for key in self.__slots__)
+        """The fields in ``__slots__`` order: how the custom ops receive the configuration
+        (tensor-valued hyperparameters as NaN placeholders, their values in ``dynamic``)."""
+        if self.dynamic is None:
+            return tuple(getattr(self, key) for key in self.__slots__)
+        return tuple(math.nan if key in DYNAMIC_FIELDS else getattr(self, key)
+                     for key in self.__slots__)
 
     @classmethod
     def from_args(cls, args) -> "LogitKDConfig":
-        """Inverse of :meth:`as_args`, inside an op implementation. The Python entry points
-        validated these values already; the op does not validate them twice."""
+        """Inverse of :meth:`as_args`, inside an op implementation: the values of ``dynamic``
+        are checked here (they are data); the Python entry points validated the rest already,
+        so the op does not validate them twice."""
         cfg = object.__new__(cls)
         for key, value in zip(cls.__slots__, args):
             object.__setattr__(cfg, key, value)
+        if cfg.dynamic is not None:
+            cfg.temperature, cfg.soft_weight, cfg.hard_weight = _dynamic.unpack(
+                (), cfg.dynamic, DYNAMIC_FIELDS, DYNAMIC_CHECKS)
+            cfg.dynamic = None
         return cfg
+
+    def concrete(self) -> "LogitKDConfig":
+        """This configuration with float hyperparameters (reads tensor-valued ones: a graph
+        break under ``torch.compile``), for the paths that need them in Python."""
+        return self if self.dynamic is None else LogitKDConfig.from_args(self.as_args())
 
     @property
     def soft_factor(self) -> float:

@@ -604,7 +604,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
         # ProcessGroup is no custom-op argument: an autograd.Function (eager only).
         kernel = functools.partial(vocab_parallel.vocab_parallel_kd_forward,
                                    process_group=process_group)
-        plan = _Plan(cfg, kernel, chunk, vocab, kind, lead, transforms=transforms)
+        plan = _Plan(cfg.concrete(), kernel, chunk, vocab, kind, lead, transforms=transforms)
         return _FusedLinearKD.apply(plan, tgt, idx, lp, num_items, hs, ws, bs, ht, wt, bt, tl)
     need = [_custom_op.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
     out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp, *cfg.as_args(), chunk,

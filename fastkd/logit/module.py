@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks, functional
-from fastkd.logit.config import LogitKDConfig, check_vocab_mismatch
+from fastkd import _backend, _checks, _dynamic, functional
+from fastkd.logit.config import (DYNAMIC_FIELDS, LogitKDConfig, check_temperature,
+                                 check_vocab_mismatch)
 from fastkd.logit.fused_linear import check_chunk_size, check_logit_transform
 
 
@@ -27,10 +28,20 @@ def _init_logit_module(module, args, n_teachers=None):
 def _current_config(module) -> dict:
     """The KD arguments as the module holds them now (attributes may be changed between calls,
     e.g. by a schedule); the functional validates them."""
-    return {key: getattr(module, key) for key in module._config}
+    return {key: _dynamic.module_value(module, key) if key in DYNAMIC_FIELDS
+            else getattr(module, key) for key in module._config}
 
 
-class KDLoss(torch.nn.Module):
+class _LogitLoss(torch.nn.Module):
+    """The schedulable hyperparameters of the logit modules (``fastkd.schedules``): checked when
+    set, and new values reach a compiled module without recompilation."""
+
+    temperature = _dynamic.DynamicFloat(check_temperature)
+    soft_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
+    hard_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
+
+
+class KDLoss(_LogitLoss):
     r"""Fused logit knowledge-distillation loss (Hinton et al. 2015), with optional hard-label CE.
 
     For every row (leading dimensions flattened), with student logits :math:`s`, teacher logits
@@ -174,7 +185,7 @@ class KDLoss(torch.nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-class FusedLinearKDLoss(torch.nn.Module):
+class FusedLinearKDLoss(_LogitLoss):
     r"""Logit KD for large vocabularies with the lm_head fused in: the ``N x V`` logits are
     never held at once (SPEC §1b).
 

@@ -62,8 +62,8 @@ LOGIT_KD_SCHEMA = (
                          schema=LOGIT_KD_SCHEMA, **_custom_op.host_sync_tags())
 def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                 divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                teacher_mixture, uld_top, need_grad_student, need_grad_teachers, backend,
-                num_items=None):
+                teacher_mixture, uld_top, dynamic, need_grad_student, need_grad_teachers,
+                backend, num_items=None):
     """``fastkd::logit_kd``: the fused kernel of ``backend`` (cpu, cuda, triton) on rows.
 
     ``student`` ``[N, V]``, ``teachers`` ``[N, V]`` each in one dtype, ``target`` ``[N]`` int64
@@ -77,7 +77,7 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
     """
     cfg = LogitKDConfig.from_args((temperature, soft_weight, hard_weight, divergence, beta,
                                    t2_scale, ignore_index, label_smoothing, reduction,
-                                   teacher_mixture, uld_top))
+                                   teacher_mixture, uld_top, dynamic))
     student = unit_stride(student)
     teachers = [unit_stride(t) for t in teachers]
     tgt = None if target is None else target.contiguous()
@@ -99,8 +99,8 @@ def logit_kd_op(student, teachers, target, weights, temperature, soft_weight, ha
 @logit_kd_op.register_fake
 def _logit_kd_fake(student, teachers, target, weights, temperature, soft_weight, hard_weight,
                    divergence, beta, t2_scale, ignore_index, label_smoothing, reduction,
-                   teacher_mixture, uld_top, need_grad_student, need_grad_teachers, backend,
-                   num_items=None):
+                   teacher_mixture, uld_top, dynamic, need_grad_student, need_grad_teachers,
+                   backend, num_items=None):
     loss = student.new_empty((student.shape[0],) if reduction == "none" else (),
                              dtype=torch.float32)
     grad_s = student.new_empty(student.shape) if need_grad_student \

@@ -115,6 +115,19 @@ def _log_mixture(logps, weights):
     return torch.where(masked, torch.full_like(mixed, -math.inf), safe - lse)
 
 
+def _with_hard_ce(rows, s, target, valid, hard_weight, label_smoothing):
+    """``rows + hard_weight * CE`` (when there is a target and a weight), 0 on rows not
+    counted. A tensor ``hard_weight`` (a schedule under ``torch.compile``) is data: the CE is
+    computed and selected where the weight is not 0, with no branch on its value."""
+    if target is not None and (isinstance(hard_weight, torch.Tensor) or hard_weight != 0.0):
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        hard = hard_weight * hard_ce_rows(s, safe_target, label_smoothing)
+        if isinstance(hard_weight, torch.Tensor):
+            hard = torch.where(hard_weight != 0, hard, torch.zeros_like(hard))
+        rows = rows + hard
+    return torch.where(valid, rows, torch.zeros_like(rows))
+
+
 def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_weight, hard_weight,
                       divergence, beta, t2_scale, ignore_index, label_smoothing,
                       teacher_mixture="prob", uld_top=None):
@@ -157,10 +170,7 @@ def kd_rows_reference(student, teachers, target, *, weights, temperature, soft_w
                            torch.logsumexp(safe, dim=0))
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
-    if target is not None and hard_weight != 0.0:
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
-        rows = rows + hard_weight * hard_ce_rows(s, safe_target, label_smoothing)
-    return torch.where(valid, rows, torch.zeros_like(rows))
+    return _with_hard_ce(rows, s, target, valid, hard_weight, label_smoothing)
 
 
 def _listed_mask(indices, vocab: int):
@@ -278,10 +288,7 @@ def kd_rows_topk_reference(student, indices, logprobs, target, *, temperature, s
         logp, logq = topk_bucket_logprobs(s, indices, kept(logprobs), temperature)
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * divergence_rows(logp, logq, divergence, beta)
-    if target is not None and hard_weight != 0.0:
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
-        rows = rows + hard_weight * hard_ce_rows(s.to(rows.dtype), safe_target, label_smoothing)
-    return torch.where(valid, rows, torch.zeros_like(rows))
+    return _with_hard_ce(rows, s.to(rows.dtype), target, valid, hard_weight, label_smoothing)
 
 
 def _uld_sorted(prob, top):
@@ -325,7 +332,4 @@ def uld_rows_reference(student, teacher, target, *, temperature, soft_weight, ha
     p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
     soft_factor = soft_weight * (temperature ** 2 if t2_scale else 1.0)
     rows = soft_factor * (p - q).abs().sum(-1)
-    if target is not None and hard_weight != 0.0:
-        safe_target = torch.where(valid, target, torch.zeros_like(target))
-        rows = rows + hard_weight * hard_ce_rows(s, safe_target, label_smoothing)
-    return torch.where(valid, rows, torch.zeros_like(rows))
+    return _with_hard_ce(rows, s, target, valid, hard_weight, label_smoothing)

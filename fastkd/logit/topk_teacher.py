@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from fastkd import _checks
+from fastkd import _checks, _dynamic
 
 __all__ = ["TopKTeacher", "retemper_logprobs", "resolve_teacher_topk", "merge_topk_teachers"]
 
@@ -108,10 +108,13 @@ def retemper_logprobs(logprobs: torch.Tensor, vocab_size: int, source_temperatur
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < k:
         raise ValueError(f"vocab_size must be an int >= k = {k}, got {vocab_size!r}")
     t_src = _checks.check_finite_number("source_temperature", source_temperature, positive=True)
-    t = _checks.check_finite_number("temperature", temperature, positive=True)
-    a = t_src / t
+    t = _dynamic.resolve("temperature", temperature, _checks.check_positive)
+    # A tensor temperature (a schedule under torch.compile) is data: no branch on its value, the
+    # general formula (exact at a = 1 up to rounding) runs.
+    a = t_src / t.to(torch.float64) if isinstance(t, torch.Tensor) else t_src / t
+    exact = not isinstance(a, torch.Tensor) and a == 1.0
     out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    if a == 1.0 and not return_log_residual:
+    if exact and not return_log_residual:
         return logprobs
     # Float64 on the small [N, k] tensor: the residual 1 - sum p cancels when the listed entries
     # hold nearly all the mass, and the cost is negligible next to the loss over [N, V].
@@ -122,7 +125,7 @@ def retemper_logprobs(logprobs: torch.Tensor, vocab_size: int, source_temperatur
     else:
         rest = (vocab_size - listed.to(lp.device, torch.float64)).reshape(log_r.shape)
     ninf = torch.full_like(log_r, -math.inf)
-    if a == 1.0:
+    if exact:
         return logprobs, torch.where(rest > 0, log_r, ninf).squeeze(-1).to(out_dtype)
     logw = a * lp
     # log((V - k) (r / (V - k))^a); r = 0 gives -inf (a > 0): an empty bucket.
@@ -205,10 +208,9 @@ class TopKTeacher:
         """The listed log-probabilities re-tempered to ``temperature`` (see
         :func:`retemper_logprobs`); the stored logprobs themselves when ``self.temperature`` is
         ``None`` or equal to ``temperature``."""
-        if self.temperature is None:
-            _checks.check_finite_number("temperature", temperature, positive=True)
-            return self.logprobs
-        if self.temperature == temperature:
+        temperature = _dynamic.resolve("temperature", temperature, _checks.check_positive)
+        if self.temperature is None or (not isinstance(temperature, torch.Tensor)
+                                        and self.temperature == temperature):
             return self.logprobs
         used = self.indices >= 0
         lp = torch.where(used, self.logprobs, torch.full((), -math.inf, dtype=self.logprobs.dtype,

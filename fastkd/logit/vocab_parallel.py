@@ -598,6 +598,7 @@ def sharded_kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, 
         return ops.kd_loss(student_logits, teacher_logits, target, cfg,
                            teacher_weights=teacher_weights, backend=backend,
                            num_items_in_batch=num_items_in_batch, vocab_mismatch=vocab_mismatch)
+    cfg = cfg.concrete()  # eager collectives: the hyperparameters as floats
     _backend.check_backend_name(backend)
     if cfg.divergence == "uld" or cfg.log_mixture:
         raise ValueError("with a process_group (vocabulary-parallel KD), divergence='uld' and "

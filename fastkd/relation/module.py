@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks
+from fastkd import _backend, _checks, _dynamic
 from fastkd.relation import ops as _relation
 from fastkd.relation.gather import gather_features
 
@@ -27,9 +27,11 @@ class _RelationLoss(torch.nn.Module):
     functional (``_loss``) and its own options (``_options``)."""
 
     _options: tuple = ()
+    loss_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
 
-    def __init__(self, reduction, backend, gather):
+    def __init__(self, reduction, backend, gather, loss_weight):
         super().__init__()
+        self.loss_weight = loss_weight
         self.reduction = _relation.check_relation_reduction(reduction)
         self.backend = _backend.check_backend_name(backend)
         self.gather = gather
@@ -40,12 +42,15 @@ class _RelationLoss(torch.nn.Module):
     def forward(self, student_features, teacher_features):
         student_features, teacher_features = gather_features(
             student_features, teacher_features, self.gather)
-        options = {name: getattr(self, name) for name in self._options}
-        return self._loss(student_features, teacher_features, reduction=self.reduction,
+        options = {name: _dynamic.module_value(self, name)
+                   if isinstance(getattr(type(self), name, None), _dynamic.DynamicFloat)
+                   else getattr(self, name) for name in self._options}
+        loss = self._loss(student_features, teacher_features, reduction=self.reduction,
                           backend=self.backend, **options)
+        return _dynamic.scale_loss(self, loss)
 
     def extra_repr(self) -> str:
-        names = self._options + ("reduction", "backend", "gather")
+        names = self._options + ("loss_weight", "reduction", "backend", "gather")
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
 
 
@@ -69,6 +74,8 @@ class SPLoss(_RelationLoss):
 
     Args:
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
+        loss_weight (float): :math:`w \ge 0`, the loss is :math:`w\,\ell` (schedulable, see
+            :mod:`fastkd.schedules`). Default: 1.0.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
         gather (bool or process group): ``True``: with an initialised ``torch.distributed``
             default group, compute the loss over the global batch (student and teacher features
@@ -84,8 +91,8 @@ class SPLoss(_RelationLoss):
         - Output: scalar (float32).
     """
 
-    def __init__(self, reduction="mean", backend="auto", gather=False):
-        super().__init__(reduction, backend, gather)
+    def __init__(self, reduction="mean", backend="auto", gather=False, loss_weight=1.0):
+        super().__init__(reduction, backend, gather, loss_weight)
 
     def _loss(self, student_features, teacher_features, **kwargs):
         return _relation.sp_loss(student_features, teacher_features, **kwargs)
@@ -126,6 +133,8 @@ class RKDLoss(_RelationLoss):
         distance_weight (float): :math:`w_d \ge 0`. Default: 1.0.
         angle_weight (float): :math:`w_a \ge 0`. Default: 2.0.
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
+        loss_weight (float): :math:`w \ge 0`, the loss is :math:`w\,\ell`. Default: 1.0.
+            (The three weights are schedulable, see :mod:`fastkd.schedules`.)
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
         gather (bool or process group): ``True``: with an initialised ``torch.distributed``
             default group, compute the loss over the global batch (student and teacher features
@@ -142,14 +151,14 @@ class RKDLoss(_RelationLoss):
     """
 
     _options = ("distance_weight", "angle_weight")
+    distance_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
+    angle_weight = _dynamic.DynamicFloat(_checks.check_nonnegative)
 
     def __init__(self, distance_weight=1.0, angle_weight=2.0, reduction="mean", backend="auto",
-                 gather=False):
-        super().__init__(reduction, backend, gather)
-        self.distance_weight = _checks.check_finite_number("distance_weight", distance_weight,
-                                                           nonnegative=True)
-        self.angle_weight = _checks.check_finite_number("angle_weight", angle_weight,
-                                                        nonnegative=True)
+                 gather=False, loss_weight=1.0):
+        super().__init__(reduction, backend, gather, loss_weight)
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
 
     def _loss(self, student_features, teacher_features, **kwargs):
         return _relation.rkd_loss(student_features, teacher_features, **kwargs)
@@ -175,6 +184,8 @@ class PKTLoss(_RelationLoss):
     Args:
         eps (float): :math:`\epsilon > 0`. Default: 1e-7.
         reduction (str): ``"mean"`` | ``"sum"``. Default: ``"mean"``.
+        loss_weight (float): :math:`w \ge 0`, the loss is :math:`w\,\ell` (schedulable, see
+            :mod:`fastkd.schedules`). Default: 1.0.
         backend (str): ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"reference"``.
         gather (bool or process group): ``True``: with an initialised ``torch.distributed``
             default group, compute the loss over the global batch (student and teacher features
@@ -192,8 +203,9 @@ class PKTLoss(_RelationLoss):
 
     _options = ("eps",)
 
-    def __init__(self, eps=1e-7, reduction="mean", backend="auto", gather=False):
-        super().__init__(reduction, backend, gather)
+    def __init__(self, eps=1e-7, reduction="mean", backend="auto", gather=False,
+                 loss_weight=1.0):
+        super().__init__(reduction, backend, gather, loss_weight)
         self.eps = _checks.check_finite_number("eps", eps, positive=True)
 
     def _loss(self, student_features, teacher_features, **kwargs):

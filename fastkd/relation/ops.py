@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend, _checks, _custom_op, _ext
+from fastkd import _backend, _checks, _custom_op, _dynamic, _ext
 from fastkd.relation import reference as _ref
 
 _EXT_OPS = ("relation_sp_forward", "relation_rkd_forward", "relation_pkt_forward")
@@ -99,10 +99,11 @@ _KERNELS = {
 # loss and the feature gradients (computed in forward; [0] placeholders where not asked for) out.
 _RELATION_OUT = ("str reduction, bool need_grad_student, bool need_grad_teacher, int tile_elems, "
                  "str backend) -> (Tensor, Tensor, Tensor)")
+_RKD_WEIGHTS = ("distance_weight", "angle_weight")
 RELATION_SCHEMAS = {
     "sp": "(Tensor student, Tensor teacher, " + _RELATION_OUT,
     "rkd": "(Tensor student, Tensor teacher, float distance_weight, float angle_weight, "
-           + _RELATION_OUT,
+           "Tensor? dynamic, " + _RELATION_OUT,
     "pkt": "(Tensor student, Tensor teacher, float eps, " + _RELATION_OUT,
 }
 
@@ -165,10 +166,14 @@ def sp_op(student, teacher, reduction, need_grad_student, need_grad_teacher, til
 
 
 @_relation_op("relation_rkd", RELATION_SCHEMAS["rkd"])
-def rkd_op(student, teacher, distance_weight, angle_weight, reduction, need_grad_student,
-           need_grad_teacher, tile_elems, backend):
-    """``fastkd::relation_rkd``: blocked RKD loss (distance + angle) and its feature gradients."""
-    return _relation_call("rkd", student, teacher, (distance_weight, angle_weight), reduction,
+def rkd_op(student, teacher, distance_weight, angle_weight, dynamic, reduction,
+           need_grad_student, need_grad_teacher, tile_elems, backend):
+    """``fastkd::relation_rkd``: blocked RKD loss (distance + angle) and its feature gradients.
+    ``dynamic``: the two weights as a float64 tensor (when they were tensors under
+    ``torch.compile``; see :mod:`fastkd._dynamic`), or None."""
+    weights = _dynamic.unpack((distance_weight, angle_weight), dynamic, _RKD_WEIGHTS,
+                              (_checks.check_nonnegative,) * 2)
+    return _relation_call("rkd", student, teacher, tuple(weights), reduction,
                           need_grad_student, need_grad_teacher, tile_elems, backend)
 
 
@@ -186,8 +191,8 @@ def _sp_fake(student, teacher, reduction, need_s, need_t, tile_elems, backend):
 
 
 @rkd_op.register_fake
-def _rkd_fake(student, teacher, distance_weight, angle_weight, reduction, need_s, need_t,
-              tile_elems, backend):
+def _rkd_fake(student, teacher, distance_weight, angle_weight, dynamic, reduction, need_s,
+              need_t, tile_elems, backend):
     return _relation_fake(student, teacher, need_s, need_t)
 
 
@@ -234,21 +239,23 @@ def rkd_loss(student_features, teacher_features, *, distance_weight=1.0, angle_w
 
     Args:
         student_features, teacher_features: ``[B, ...]`` features (widths may differ).
-        distance_weight (float): weight of the distance term (>= 0). Default: 1.0.
-        angle_weight (float): weight of the angle term (>= 0). Default: 2.0.
+        distance_weight (float or one-element tensor): weight of the distance term (>= 0).
+            Default: 1.0.
+        angle_weight (float or one-element tensor): weight of the angle term (>= 0).
+            Default: 2.0. (A tensor changes between compiled calls without recompilation.)
         reduction: ``"mean"`` (distance term / B^2, angle term / B^3; default) or ``"sum"``.
         backend: as in :func:`sp_loss`.
     """
     reduction = check_relation_reduction(reduction)
-    distance_weight = _checks.check_finite_number("distance_weight", distance_weight,
-                                                  nonnegative=True)
-    angle_weight = _checks.check_finite_number("angle_weight", angle_weight, nonnegative=True)
+    weights = [_dynamic.resolve(n, w, _checks.check_nonnegative)
+               for n, w in zip(_RKD_WEIGHTS, (distance_weight, angle_weight))]
     s2, t2 = validate_features(student_features, teacher_features)
     name = select_backend(backend, s2, t2)
     if name == "reference":
         with _custom_op.no_autocast(s2.device):
-            return _ref.rkd_loss_reference(s2, t2, distance_weight, angle_weight, reduction)
-    return _run(rkd_op, s2, t2, distance_weight, angle_weight, reduction=reduction, backend=name)
+            return _ref.rkd_loss_reference(s2, t2, *weights, reduction)
+    floats, dynamic = _dynamic.pack(weights)
+    return _run(rkd_op, s2, t2, *floats, dynamic, reduction=reduction, backend=name)
 
 
 def pkt_loss(student_features, teacher_features, *, eps=1e-7, reduction="mean", backend="auto"):

@@ -109,16 +109,19 @@ def rkd_loss_reference(student, teacher, distance_weight: float = 1.0, angle_wei
     loss = distance_weight * L_d + angle_weight * L_a, with d_hat = d / mean{d_ij > 0} per side,
     L_d = mean over the B^2 pairs of smooth_l1(d_hat_s, d_hat_t), psi_jik = u_ji . u_jk and
     L_a = mean over the B^3 triples of smooth_l1(psi_s, psi_t) (``"sum"``: sums, not means).
-    A term whose weight is 0 is not computed.
+    A term whose weight is 0 is not computed; a weight given as a tensor (a schedule under
+    ``torch.compile``) is data: its term is computed and selected where the weight is not 0.
     """
     dtype = _work_dtype(student, teacher)
     s = flatten_features(student).to(dtype)
     t = flatten_features(teacher).to(dtype)
     loss = torch.zeros((), dtype=dtype, device=s.device)
-    if distance_weight != 0.0:
-        loss = loss + distance_weight * rkd_distance_term(s, t, reduction)
-    if angle_weight != 0.0:
-        loss = loss + angle_weight * rkd_angle_term(s, t, reduction)
+    for weight, term in ((distance_weight, rkd_distance_term), (angle_weight, rkd_angle_term)):
+        if isinstance(weight, torch.Tensor):
+            w = weight.to(dtype)
+            loss = loss + torch.where(w != 0, w * term(s, t, reduction), torch.zeros_like(loss))
+        elif weight != 0.0:
+            loss = loss + weight * term(s, t, reduction)
     return loss
 
 
