@@ -7,9 +7,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTKD_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-# transformers accelerate trl datasets: the Trainer integrations' tests (tests/test_integrations_*)
+# transformers accelerate trl datasets: the Trainer integrations' tests (tests/test_integrations_*);
+# optuna: examples/tune_kd.py's Optuna path (tests/test_example_tune.py)
 DEPS=(numpy ninja pybind11 pytest pytest-benchmark hypothesis tqdm matplotlib scikit-learn scipy
-      transformers accelerate trl datasets)
+      transformers accelerate trl datasets optuna)
 STAMP="$VENV/.fastkd-build-stamp"
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
