@@ -19,6 +19,7 @@ import torch
 import torch._dynamo.testing
 
 import fastkd
+from fastkd import functional as Fn
 from fastkd.feature import ops as F
 from fastkd.logit import ops as L
 from fastkd.logit import reference as LR
@@ -257,3 +258,64 @@ def test_compiled_backward_scales_out_of_place():
     torch.testing.assert_close(s.grad, eager)
     loss.backward()
     torch.testing.assert_close(s.grad, 2 * eager)
+
+
+# ------------------------------------------------------------------------ eager fast path
+def _eager_cases():
+    g = torch.Generator().manual_seed(5)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    y = torch.tensor([1, -100, 6, 0, 3])
+    idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(5)])
+    lp = torch.log_softmax(r(5, 7), -1).gather(-1, idx)
+    ht, wt = r(5, 4), r(7, 4)
+    return {
+        "logit_kd": (lambda s, t: Fn.kd_loss(s, [t, t.detach() * 2], y, temperature=2.0,
+                                            hard_weight=0.5, divergence="jsd"), (5, 7), (5, 7)),
+        "logit_kd_none": (lambda s, t: Fn.kd_loss(s, t, y, reduction="none").sum(), (5, 7),
+                          (5, 7)),
+        "logit_uld": (lambda s, t: Fn.kd_loss(s, t, y, divergence="uld", hard_weight=0.3),
+                      (5, 7), (5, 9)),
+        "logit_kd_topk": (lambda s, t: Fn.kd_loss(s, teacher_topk=(idx, lp), temperature=1.5),
+                          (5, 7), None),
+        "fused_linear_kd": (lambda s, t: Fn.fused_linear_kd_loss(s, t, ht, wt, y),
+                            (5, 3), (7, 3)),
+        "feature_kd": (lambda s, t: Fn.feature_kd_loss(s, t, None, None, loss="cosine"),
+                       (5, 6), (5, 6)),
+        "relation_rkd": (lambda s, t: Fn.rkd_loss(s, t), (5, 6), (5, 4)),
+        "relation_sp": (lambda s, t: Fn.sp_loss(s, t), (5, 6), (5, 4)),
+    }, r
+
+
+@pytest.mark.parametrize("case", ["logit_kd", "logit_kd_none", "logit_uld", "logit_kd_topk",
+                                  "fused_linear_kd", "feature_kd", "relation_rkd",
+                                  "relation_sp"])
+def test_eager_path_matches_dispatcher(case, monkeypatch):
+    """Eager calls run the op's implementation through one autograd.Function
+    (``_custom_op.call``); the loss and every gradient equal the dispatched op's, and the fast
+    path is really taken (its grad_fn)."""
+    from fastkd import _custom_op
+    cases, r = _eager_cases()
+    fn, s_shape, t_shape = cases[case]
+    s = r(*s_shape).requires_grad_()
+    t = None if t_shape is None else r(*t_shape).requires_grad_()
+    leaves = [x for x in (s, t) if x is not None]
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        loss = fn(s, t)
+        name = type(loss.grad_fn).__name__
+        loss.backward()
+        return loss.detach(), [x.grad for x in leaves], name
+
+    fast = run()
+    with monkeypatch.context() as m:
+        m.setattr(_custom_op, "_EAGER", {})
+        slow = run()
+    assert "EagerOp" in fast[2] or case.endswith("_none"), fast[2]
+    assert "EagerOp" not in slow[2]
+    torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=0)
+    for a, b in zip(fast[1], slow[1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -304,7 +304,7 @@ def _feature_kd_backward(ctx, grad_loss, *_grads):
     return (gx, gt, gw, gb) + (None,) * 10
 
 
-feature_kd_op.register_autograd(_feature_kd_backward, setup_context=_feature_kd_setup)
+_custom_op.register_autograd(feature_kd_op, _feature_kd_backward, _feature_kd_setup)
 
 
 def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss="mse",
@@ -381,5 +381,6 @@ def feature_kd_loss(student_feat, teacher_feat, weight=None, bias=None, *, loss=
             return feature_kd_reference(student_feat, teacher_feat, weight, bias, loss=loss,
                                         channel_dim=cd, reduction=reduction)
     needs = [_custom_op.needs_grad(t) for t in (student_feat, teacher_feat, weight, bias)]
-    return feature_kd_op(student_feat, teacher_feat, weight, bias, loss, cd, reduction, chunk,
-                         *needs, autocast_gemm_dtype(student_feat, weight, name), name)[0]
+    return _custom_op.call(feature_kd_op, student_feat, teacher_feat, weight, bias, loss, cd,
+                           reduction, chunk, *needs,
+                           autocast_gemm_dtype(student_feat, weight, name), name)[0]

@@ -434,7 +434,7 @@ def _fused_linear_backward(ctx, grad_loss, *_unused):
     return tuple(grads) + (None,) * (3 + N_CONFIG + _N_PLAN + 1)
 
 
-fused_linear_kd_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+_custom_op.register_autograd(fused_linear_kd_op, _fused_linear_backward, _fused_linear_setup)
 
 
 def _check_2d_pair(hidden_name, hidden, weight_name, weight, bias_name, bias):
@@ -607,8 +607,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None,
         plan = _Plan(cfg.concrete(), kernel, chunk, vocab, kind, lead, transforms=transforms)
         return _FusedLinearKD.apply(plan, tgt, idx, lp, num_items, hs, ws, bs, ht, wt, bt, tl)
     need = [_custom_op.needs_grad(x) for x in (hs, ws, bs, ht, wt, bt, tl)]
-    out = fused_linear_kd_op(hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp, *cfg.as_args(), chunk,
-                             vocab, kind, need, name, *transforms[0], *transforms[1], num_items)
+    out = _custom_op.call(fused_linear_kd_op, hs, ws, bs, ht, wt, bt, tl, tgt, idx, lp,
+                          *cfg.as_args(), chunk, vocab, kind, need, name, *transforms[0],
+                          *transforms[1], num_items)
     return out[0].reshape(lead) if cfg.reduction == "none" else out[0]
 
 

@@ -128,7 +128,7 @@ def _logit_kd_backward(ctx, grad_loss, _grad_s, _grad_t):
     return (grads[0], list(grads[1:])) + (None,) * (N_CONFIG + 6)
 
 
-logit_kd_op.register_autograd(_logit_kd_backward, setup_context=_logit_kd_setup)
+_custom_op.register_autograd(logit_kd_op, _logit_kd_backward, _logit_kd_setup)
 
 
 def kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, teacher_weights=None,
@@ -164,6 +164,7 @@ def kd_loss(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, teach
             return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2 = as_rows(student)
     t2 = [as_rows(t).to(teachers[0].dtype) for t in teachers]
-    loss, _, _ = logit_kd_op(s2, t2, tgt, weights, *cfg.as_args(), _custom_op.needs_grad(s2),
-                             [_custom_op.needs_grad(t) for t in t2], name, num_items)
+    loss, _, _ = _custom_op.call(logit_kd_op, s2, t2, tgt, weights, *cfg.as_args(),
+                                 _custom_op.needs_grad(s2), [_custom_op.needs_grad(t) for t in t2],
+                                 name, num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

@@ -380,7 +380,7 @@ def _topk_backward(ctx, grad_loss, _grad):
     return (g,) + (None,) * (_TOPK_INPUTS - 1)
 
 
-logit_kd_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+_custom_op.register_autograd(logit_kd_topk_op, _topk_backward, _topk_setup)
 
 
 def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, num_items=None,
@@ -405,6 +405,6 @@ def kd_loss_topk(student_logits, teacher_topk, target, cfg, backend_name: str, n
         return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     idx, lp = validate_topk(teacher_topk, student_logits, cfg.temperature, check_data=False,
                             teacher_weights=teacher_weights)
-    loss, _ = logit_kd_topk_op(s2, idx, lp, tgt, *cfg.as_args(), _custom_op.needs_grad(s2),
-                               backend_name, num_items)
+    loss, _ = _custom_op.call(logit_kd_topk_op, s2, idx, lp, tgt, *cfg.as_args(),
+                              _custom_op.needs_grad(s2), backend_name, num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

@@ -252,7 +252,7 @@ def _uld_backward(ctx, grad_loss, _grad_s, _grad_t):
     return (g_s, g_t) + (None,) * (_ULD_INPUTS - 2)
 
 
-logit_uld_op.register_autograd(_uld_backward, setup_context=_uld_setup)
+_custom_op.register_autograd(logit_uld_op, _uld_backward, _uld_setup)
 
 
 def kd_loss_uld(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, backend="auto",
@@ -307,6 +307,7 @@ def kd_loss_uld(student_logits, teacher_logits, target, cfg: LogitKDConfig, *, b
             count = mean_count(tgt, cfg.ignore_index, s2.shape[0], s2.device, num_items)
             return reduce_rows(rows, cfg.reduction, lead_shape, count.to(rows.dtype))
     s2, t2 = as_rows(student), as_rows(teacher)
-    loss, _, _ = logit_uld_op(s2, t2, tgt, *cfg.as_args(), _custom_op.needs_grad(s2),
-                              _custom_op.needs_grad(t2), name, num_items)
+    loss, _, _ = _custom_op.call(logit_uld_op, s2, t2, tgt, *cfg.as_args(),
+                                 _custom_op.needs_grad(s2), _custom_op.needs_grad(t2), name,
+                                 num_items)
     return loss.reshape(lead_shape) if cfg.reduction == "none" else loss

@@ -202,13 +202,13 @@ def _pkt_fake(student, teacher, eps, reduction, need_s, need_t, tile_elems, back
 
 
 for _op in (sp_op, rkd_op, pkt_op):
-    _op.register_autograd(_relation_backward, setup_context=_relation_setup)
+    _custom_op.register_autograd(_op, _relation_backward, _relation_setup)
 del _op
 
 
 def _run(op, s2, t2, *params, reduction, backend):
-    return op(s2, t2, *params, reduction, _custom_op.needs_grad(s2), _custom_op.needs_grad(t2),
-              _tile_elems(), backend)[0]
+    return _custom_op.call(op, s2, t2, *params, reduction, _custom_op.needs_grad(s2),
+                           _custom_op.needs_grad(t2), _tile_elems(), backend)[0]
 
 
 # ------------------------------------------------------------------------------ functional forms
