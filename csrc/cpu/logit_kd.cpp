@@ -48,18 +48,23 @@ int64_t row_argmax(const float* x, int64_t padded, float m) {
 // log sum_v exp((x_v - m) * inv_t) for the row max m, as log1p of the sum *without* one max
 // entry (which contributes exactly 1): log-probabilities near 0 (a confident row) stay accurate.
 // The unnormalised exponentials are kept in `cache` (when given) so that the later sweeps get
-// the probabilities by one multiply instead of another exp.
-double row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, float* cache) {
+// the probabilities by one multiply instead of another exp. With kSquares, *lse_sq is the same
+// for the squared exponentials, i.e. at half the temperature (the hard CE at T = 2).
+template <bool kSquares = false>
+double row_log_sum_exp(const float* x, int64_t padded, float m, float inv_t, float* cache,
+                       double* lse_sq = nullptr) {
   const Vec vm(m), vi(inv_t), one(1.f);
-  double s[2];
-  block_sums<2>(padded, [&](int64_t v, Vec* acc) {
+  double s[3];
+  block_sums<3>(padded, [&](int64_t v, Vec* acc) {
     const Vec x0 = Vec::loadu(x + v);
     const Vec at_max = x0 == vm;
     const Vec e = fast_exp((x0 - vm) * vi);
     if (cache) e.store(cache + v);
     acc[0] = acc[0] + Vec::blendv(e, Vec(0.f), at_max);
     acc[1] = acc[1] + Vec::blendv(Vec(0.f), one, at_max);
+    if constexpr (kSquares) acc[2] = acc[2] + Vec::blendv(e * e, Vec(0.f), at_max);
   }, s);
+  if constexpr (kSquares) *lse_sq = std::log1p(s[2] + (s[1] - 1.0));
   return std::log1p(s[0] + (s[1] - 1.0));
 }
 
@@ -105,6 +110,7 @@ struct RowStats {
   int64_t jt[kMaxTeachers] = {};
   double log_zs_zt = 0.0;                     // log(Zs / Zt), one teacher
   float lz1 = 0.f, finite_sum = 0.f, n_finite = 0.f;  // hard CE: log Z at T = 1, finite logits
+  bool e1_squared = false;                    // hard CE: exp(s - max) = es^2 (T = 2)
 };
 
 // log(Zs / Zt) for one teacher. KL and reverse KL take lzs - lzt (its rounding, ~eps, is a
@@ -128,10 +134,13 @@ double log_zs_over_zt(const RowStats& st, Divergence div) {
 }
 
 // The hard CE's row statistics: log Z of the student at T = 1 (its exponentials cached in e1)
-// and, with label smoothing, the sum and count of the finite logits.
+// and, with label smoothing, the sum and count of the finite logits. At T = 1 and T = 2 the
+// exponentials are the soft term's (squared at T = 2: e1_squared; lz1 then comes from sweep 1).
 void hard_ce_stats(RowStats& st, float label_smoothing, float* e1) {
-  if (st.inv_t == 1.f) {  // T = 1: the same exponentials as the soft term's
+  if (st.inv_t == 1.f) {
     st.lz1 = st.lzs;
+    st.e1 = st.es;
+  } else if (st.e1_squared) {
     st.e1 = st.es;
   } else {
     st.lz1 = static_cast<float>(row_log_sum_exp(st.xs, st.Vp, st.ms, 1.f, e1));
@@ -206,8 +215,16 @@ bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, in
   st.Vp = (st.V + kW - 1) / kW * kW;
   st.nt = p.num_teachers;
   st.inv_t = 1.f / p.temperature;
-  float* xs = w.s.data();
-  load_row(static_cast<const TS*>(p.student) + r * p.student_stride, st.V, st.Vp, xs);
+  // float32 rows of whole vectors are read in place; others are converted / padded to scratch.
+  const TS* srow = static_cast<const TS*>(p.student) + r * p.student_stride;
+  const float* xs;
+  if constexpr (std::is_same_v<TS, float>) {
+    if (st.V == st.Vp) xs = srow;
+  }
+  if (!(std::is_same_v<TS, float> && st.V == st.Vp)) {
+    load_row(srow, st.V, st.Vp, w.s.data());
+    xs = w.s.data();
+  }
   st.xs = xs;
   st.ms = row_max(xs, st.Vp);
   if (st.ms == kNegInf) {
@@ -216,10 +233,15 @@ bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, in
   }
   const bool log_mix = p.log_mixture && st.nt > 1;
   for (int i = 0; i < st.nt; ++i) {
-    float* xt = w.t[i].data();
-    load_row(static_cast<const TT*>(p.teacher[i]) + r * p.teacher_stride[i], st.V, st.Vp, xt);
-    st.xt[i] = xt;
-    st.mt[i] = row_max(xt, st.Vp);
+    const TT* trow = static_cast<const TT*>(p.teacher[i]) + r * p.teacher_stride[i];
+    if constexpr (std::is_same_v<TT, float>) {
+      if (st.V == st.Vp) st.xt[i] = trow;
+    }
+    if (!(std::is_same_v<TT, float> && st.V == st.Vp)) {
+      load_row(trow, st.V, st.Vp, w.t[i].data());
+      st.xt[i] = w.t[i].data();
+    }
+    st.mt[i] = row_max(st.xt[i], st.Vp);
     if (st.mt[i] == kNegInf) {
       *flags |= kFlagTeacherAllMasked;
       return false;
@@ -244,7 +266,14 @@ bool row_statistics(const LogitKDParams& p, int64_t r, bool hard, Scratch& w, in
     st.jt[i] = row_argmax(st.xt[i], st.Vp, st.mt[i]);
   }
   st.et = w.et.data();
-  st.lzs_d = row_log_sum_exp(xs, st.Vp, st.ms, st.inv_t, w.es.data());
+  st.e1_squared = hard && st.inv_t == 0.5f;
+  if (st.e1_squared) {
+    double lz1;
+    st.lzs_d = row_log_sum_exp<true>(xs, st.Vp, st.ms, st.inv_t, w.es.data(), &lz1);
+    st.lz1 = static_cast<float>(lz1);
+  } else {
+    st.lzs_d = row_log_sum_exp(xs, st.Vp, st.ms, st.inv_t, w.es.data());
+  }
   st.es = w.es.data();
   st.lzs = static_cast<float>(st.lzs_d);
   st.js = row_argmax(xs, st.Vp, st.ms);
@@ -382,15 +411,18 @@ struct RowGrad {
 // (hard_weight * grad_scale), without the [v==y] term (added at y alone: y_term).
 struct HardCEGrad {
   const float *xs, *e1;
+  bool square;  // e1 holds exp((s - max) / 2) (T = 2)
   float eps, y_term;
   Vec va1z, vninf, veps_v;
   HardCEGrad(const RowStats& st, float eps_, float f)
-      : xs(st.xs), e1(st.e1), eps(eps_), y_term(f * (1.f - eps_)),
+      : xs(st.xs), e1(st.e1), square(st.e1_squared), eps(eps_), y_term(f * (1.f - eps_)),
         va1z(f * (1.f - eps_ + eps_ * st.n_finite / static_cast<float>(st.V)) *
              std::exp(-st.lz1)),
         vninf(kNegInf), veps_v(f * eps_ / static_cast<float>(st.V)) {}
   FASTKD_INLINE Vec at(int64_t v) const {
-    Vec d = Vec::loadu(e1 + v) * va1z;  // a1 / Z1: q1 = e1 / Z1
+    Vec e = Vec::loadu(e1 + v);
+    if (square) e = e * e;
+    Vec d = e * va1z;  // a1 / Z1: q1 = e1 / Z1
     if (eps != 0.f) d = d - sel(Vec::loadu(xs + v) != vninf, veps_v);
     return d;
   }
