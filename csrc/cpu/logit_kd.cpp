@@ -295,12 +295,13 @@ struct RowTerms {
   const RowStats& st;
   const bool mixed;
   const Divergence div;
+  const float beta;
   const bool flip;  // JSD: beta > 1/2 (see jsd_logs)
   const Vec zero, vms, vinv, vlzs, vmt0, vlzt0, vinv_zs, vinv_zt0, vbeta, vomb, vbs, vratio,
       vnlog_bs, vdm, vdl, half;
 
   RowTerms(const RowStats& s, const LogitKDParams& p)
-      : st(s), mixed(s.nt > 1), div(p.divergence), flip(p.beta > 0.5f), zero(0.f), vms(s.ms),
+      : st(s), mixed(s.nt > 1), div(p.divergence), beta(p.beta), flip(p.beta > 0.5f), zero(0.f), vms(s.ms),
         vinv(s.inv_t), vlzs(s.lzs), vmt0(s.mt[0]), vlzt0(s.lzt[0]), vinv_zs(std::exp(-s.lzs)),
         vinv_zt0(std::exp(-s.lzt[0])), vbeta(p.beta), vomb(1.f - p.beta),
         vbs(std::min(p.beta, 1.f - p.beta)),
@@ -378,12 +379,14 @@ struct RowTerms {
     jsd_logs(d(v, lpv, lqv), lqm, lpm);
     return lqm;
   }
-  // Teacher-side "g" (d D / d p up to a constant) times p_i, for KL and JSD (beta log(p / m)).
+  // Teacher-side "g" (d D / d p up to a constant) for KL and JSD (log(p / m); the factor beta
+  // is applied with the gradient's coefficient, so that g - g* is exactly 0 at the dominant
+  // entry: a product here could be fused into an FMA in one place and not in another).
   FASTKD_INLINE Vec teacher_g(int64_t v, const Vec& lpv, const Vec& lqv) const {
     if (div == Divergence::KL) return lpv - lqv;
     Vec lqm, lpm;
     jsd_logs(d(v, lpv, lqv), lqm, lpm);
-    return vbeta * lpm;
+    return lpm;
   }
   // p_i g for reverse KL: -q p_i / p, not p_i * (-q / p): with saturated rows q / p overflows
   // while p_i underflows (lost: -q). (The guard is log p_i > -inf: p_i itself may underflow to
@@ -538,7 +541,7 @@ void divergence_sums(const RowTerms& terms, const RowGrad& rg_in, const HardCEGr
           if (T.div == Divergence::ReverseKL)
             pg = T.rkl_teacher(qv, lqv, lpv, lpi, pi, Vec(rg.g_star[i]));
           else if (T.div == Divergence::JSD)
-            pg = sel(pi > zero, pi * (T.vbeta * lpm - Vec(rg.g_star[i])));
+            pg = sel(pi > zero, pi * (lpm - Vec(rg.g_star[i])));
           else
             pg = sel(pi > zero, pi * ((lpv - lqv) - Vec(rg.g_star[i])));
           acc[5 + 3 * i] = acc[5 + 3 * i] + pg;
@@ -637,7 +640,8 @@ void teacher_gradient(const RowTerms& terms, const RowGrad& rg, int i, float wi,
     return;
   }
   const Vec zero = T.zero;
-  const Vec coef(rg.c * wi * rg.scale), vgs(rg.g_star[i]);
+  const Vec coef(rg.c * wi * rg.scale * (T.div == Divergence::JSD ? T.beta : 1.f));
+  const Vec vgs(rg.g_star[i]);
   const Vec vS(static_cast<float>(sums[5 + 3 * i]));
   const float pa = static_cast<float>(sums[5 + 3 * i]), pb = static_cast<float>(sums[6 + 3 * i]),
               pc = static_cast<float>(sums[7 + 3 * i]);
