@@ -403,10 +403,10 @@ def render_markdown(res: dict) -> str:
         lines[-1] += (
             "fastkd is slower here. With 10 classes, a "
             f"{res['hint_channels']}-channel hint and batches of {c['batch_size']} the losses do "
-            "almost no arithmetic, so a call costs its fixed overhead, and fastkd's (a custom "
-            "operator entered from Python, with input checks) is larger than that of the few "
-            "stock ops. The fused kernels pay off at large vocabularies and feature maps, not "
-            "at this size.")
+            "almost no arithmetic, so a call costs its fixed overhead, and fastkd's (argument "
+            "checks, configuration and the custom op's Python layer) is larger than that of "
+            "the few stock ops. The fused kernels pay off at large vocabularies and feature "
+            "maps, not at this size.")
     else:
         lines[-1] += "fastkd is faster here."
     lines.append("")
