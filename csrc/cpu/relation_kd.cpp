@@ -377,14 +377,10 @@ namespace {
 using namespace relation_detail;  // to_f32, finish_grad, sum_double, rkd_angle
 using Vec = at::vec::Vectorized<float>;
 
-// ------------------------------------------------------------------------------------ SP factored
-// sum_j G_ij G'_ij = x_i^T (X^T X') x'_i: the row norms of both Gram matrices, their row inner
-// products and the gradient (E + E^T) X of the loss come from the d x d blocks of Y^T Y,
-// Y = [X_s | X_t]. The loss per row is 2 - 2 cos(G_s,i, G_t,i), a difference of O(1) terms, so
-// everything runs in float64 (float32 inputs are exact in it). The elementwise work is fused
-// into a few row loops: on 2 shared cores every extra parallel region costs more than its work.
-bool sp_factored_pays(int64_t B, int64_t ds, int64_t dt) { return 2 * (ds + dt) <= B; }
-
+// ------------------------------------------------------------------------------------- helpers
+// On 2 shared cores every parallel region can cost a scheduler time slice, far more than the
+// O(B d) work around the GEMMs: that work is fused into a few row loops, run inline when small,
+// and the sweeps are one region each.
 using VecD = at::vec::Vectorized<double>;
 
 inline double dot(const double* a, const double* b, int64_t n) {
@@ -400,8 +396,14 @@ inline double dot(const double* a, const double* b, int64_t n) {
   return t;
 }
 
-// Runs f(w, i0, i1) on W contiguous row ranges of [0, B), one thread each: GEMMs inside run
-// single-threaded, so a phase costs one parallel region however many GEMMs it holds.
+// Row ranges for a loop over B rows of `per_row` cheap operations: 1 (inline) when small.
+inline int64_t row_workers(int64_t B, int64_t per_row) {
+  if (B * per_row < (int64_t{1} << 18)) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16));
+}
+
+// Runs f(w, i0, i1) on W contiguous row ranges of [0, B), one thread each (GEMMs inside run
+// single-threaded): a phase costs one parallel region however many GEMMs it holds.
 template <typename F>
 void for_row_ranges(int64_t B, int64_t W, F&& f) {
   auto range = [&](int64_t w) { f(w, B * w / W, B * (w + 1) / W); };
@@ -414,17 +416,37 @@ void for_row_ranges(int64_t B, int64_t W, F&& f) {
   });
 }
 
+// parts [W, ...] summed over W in a fixed order (small tensors).
+template <typename T>
+at::Tensor sum_parts(const at::Tensor& parts) {
+  const int64_t W = parts.size(0), m = parts.numel() / W;
+  at::Tensor out = at::empty(parts.sizes().slice(1), parts.options());
+  const T* p = parts.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  for (int64_t k = 0; k < m; ++k) {
+    T t = p[k];
+    for (int64_t w = 1; w < W; ++w) t += p[w * m + k];
+    o[k] = t;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ SP factored
+// sum_j G_ij G'_ij = x_i^T (X^T X') x'_i: the row norms of both Gram matrices, their row inner
+// products and the gradient (E + E^T) X of the loss come from the d x d blocks of Y^T Y,
+// Y = [X_s | X_t], and no B x B tile is formed. The loss per row is 2 - 2 cos(G_s,i, G_t,i), a
+// difference of O(1) terms, so [Ms | K], Mt, P_s = Gs Xs, Q = Gs Xt and P_t = Gt Xt are float64
+// (float32 inputs are exact in it); the gradient is formed in float32 like the tiled path's (its
+// terms are those of W @ X there).
+bool sp_factored_pays(int64_t B, int64_t ds, int64_t dt) { return 2 * (ds + dt) <= B; }
+
 RelationGrads sp_factored(const at::Tensor& student, const at::Tensor& teacher, double scale,
                           bool need_s, bool need_t) {
   const int64_t B = student.size(0), ds = student.size(1), dt = teacher.size(1), n = ds + dt;
-  const int64_t W = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 64));
+  const int64_t W = row_workers(B, n * n / 4);
   at::Tensor xs32 = to_f32(student), xt32 = to_f32(teacher);
   auto f32 = xs32.options();
   auto f64 = f32.dtype(at::kDouble);
-  // The loss needs ||G_i||^2 = x_i^T M x_i and sum_j Gs_ij Gt_ij = xs_i^T K xt_i to float64
-  // accuracy (it is 2 - 2 cos of O(1) terms), so [Ms | K], Mt, P_s = Gs Xs, Q = Gs Xt, P_t = Gt Xt
-  // are float64. The gradient is formed in float32 like the tiled path's (its terms are those
-  // of W @ X there).
   at::Tensor y64 = at::empty({B, n}, f64), y32 = at::empty({B, n}, f32);  // [X_s | X_t]
   at::Tensor part_a = at::empty({W, ds, n}, f64), part_t = at::empty({W, dt, dt}, f64);
   for_row_ranges(B, W, [&](int64_t w, int64_t i0, int64_t i1) {
@@ -441,8 +463,14 @@ RelationGrads sp_factored(const at::Tensor& student, const at::Tensor& teacher, 
     at::mm_out(out_a, yw.narrow(1, 0, ds).t(), yw);                    // [Ms | K] of these rows
     at::mm_out(out_t, yw.narrow(1, ds, dt).t(), yw.narrow(1, ds, dt));  // Mt of these rows
   });
-  at::Tensor ms_k = part_a.sum(0), mt = part_t.sum(0);  // workers in a fixed order
-  at::Tensor k32t = ms_k.narrow(1, ds, dt).t().to(at::kFloat);  // K^T, for R = Gt Xs = Xt K^T
+  at::Tensor ms_k = sum_parts<double>(part_a), mt = sum_parts<double>(part_t);
+  at::Tensor k32t = at::empty({dt, ds}, f32);  // K^T, for R = Gt Xs = Xt K^T
+  {
+    const double* pk = ms_k.data_ptr<double>();
+    float* o = k32t.data_ptr<float>();
+    for (int64_t j = 0; j < dt; ++j)
+      for (int64_t k = 0; k < ds; ++k) o[j * ds + k] = static_cast<float>(pk[k * n + ds + j]);
+  }
 
   // Per row: the loss and the gradient weights. Side a against side b: dL/dG_a,ij =
   // 2 scale (inv_i D_ij - a_i inv_i^2 G_ij) with a_i = sum_j D_ij G_hat_a,ij (0 where the norm is
@@ -514,13 +542,18 @@ RelationGrads sp_factored(const at::Tensor& student, const at::Tensor& teacher, 
   total *= scale;
   at::Tensor loss = at::scalar_tensor(total < 0.0 ? 0.0 : total, f32);  // NaN stays NaN
 
-  // Side a (columns [oa, oa + da) of Y): g = Y @ [X^T w X_a with the X_b block negated] + the
+  // Side a (columns [oa, oa + da) of Y): g = Y @ [X^T w X_a, the X_b block negated] + the
   // row-scaled terms.
   auto grad = [&](const at::Tensor& m_parts, int64_t oa, int64_t da, const double* w1,
                   const double* pa, int64_t ldp, const float* ra_f, const double* ra_d,
                   int64_t ldr, const at::Tensor& like) {
-    at::Tensor m = m_parts.sum(0);
-    if (oa == 0) m.narrow(0, ds, dt).neg_(); else m.narrow(0, 0, ds).neg_();
+    at::Tensor m = sum_parts<float>(m_parts);
+    {
+      float* pm = m.data_ptr<float>();
+      for (int64_t k = 0; k < n; ++k)
+        if (k < oa || k >= oa + da)
+          for (int64_t j = 0; j < da; ++j) pm[k * da + j] = -pm[k * da + j];
+    }
     at::Tensor g = at::empty({B, da}, f32);
     const float two_c = static_cast<float>(2.0 * scale);
     for_row_ranges(B, W, [&](int64_t, int64_t i0, int64_t i1) {
@@ -559,11 +592,13 @@ struct Unit {
 
 constexpr int64_t kUnitRows = 128, kUnitCols = 1024;
 
-// The units of a B x B relation, dealt to `workers` (largest first, each to the least loaded
+// The units of a B x B relation, dealt to workers (largest first, each to the least loaded
 // worker): a fixed plan for a given thread count, so every sum has a fixed order.
 struct UnitPlan {
   int64_t rows = 0, cols = 0;
   std::vector<std::vector<Unit>> work;
+  int64_t workers() const { return static_cast<int64_t>(work.size()); }
+  int64_t tile() const { return rows * cols; }
 };
 
 UnitPlan plan_units(int64_t B, int64_t tile_elems) {
@@ -583,9 +618,10 @@ UnitPlan plan_units(int64_t B, int64_t tile_elems) {
   std::stable_sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) {
     return a.r * a.cols() > b.r * b.cols();
   });
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units.size()));
-  plan.work.resize(workers);
-  std::vector<int64_t> load(workers, 0);
+  int64_t workers = std::min<int64_t>(at::get_num_threads(), units.size());
+  if (B * B < (int64_t{1} << 16)) workers = 1;  // too small to pay for a parallel region
+  plan.work.resize(std::max<int64_t>(1, workers));
+  std::vector<int64_t> load(plan.work.size(), 0);
   for (const Unit& u : units) {
     const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
     plan.work[w].push_back(u);
@@ -597,7 +633,7 @@ UnitPlan plan_units(int64_t B, int64_t tile_elems) {
 // Runs f(w) for every worker w, one thread each (GEMMs inside run single-threaded).
 template <typename F>
 void for_workers(const UnitPlan& plan, F&& f) {
-  const int64_t n = static_cast<int64_t>(plan.work.size());
+  const int64_t n = plan.workers();
   if (n == 1) {
     f(int64_t{0});
     return;
@@ -636,6 +672,42 @@ struct Acc {
 };
 
 // ------------------------------------------------------------------------------------ RKD distance
+// x [B, d] -> xa = [x - mean_rows(x) | 1] (float32; the column of ones makes the contractions
+// also return the row sums of the weight tiles) and the squared norms of the centred rows.
+void rkd_centre(const at::Tensor& x32, at::Tensor& xa, at::Tensor& nrm) {
+  const int64_t B = x32.size(0), d = x32.size(1), la = d + 1;
+  xa = at::empty({B, la}, x32.options());
+  nrm = at::empty({B}, x32.options());
+  const int64_t W = row_workers(B, d);
+  std::vector<double> part(W * d, 0.0);
+  const float* px = x32.data_ptr<float>();
+  for_row_ranges(B, W, [&](int64_t w, int64_t i0, int64_t i1) {
+    double* ps = part.data() + w * d;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = 0; k < d; ++k) ps[k] += px[i * d + k];
+  });
+  std::vector<float> mean(d);
+  for (int64_t k = 0; k < d; ++k) {
+    double t = 0.0;
+    for (int64_t w = 0; w < W; ++w) t += part[w * d + k];
+    mean[k] = static_cast<float>(t / static_cast<double>(B));
+  }
+  float* pa = xa.data_ptr<float>();
+  float* pn = nrm.data_ptr<float>();
+  for_row_ranges(B, W, [&](int64_t, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      double q = 0.0;
+      for (int64_t k = 0; k < d; ++k) {
+        const float c = px[i * d + k] - mean[k];
+        pa[i * la + k] = c;
+        q += static_cast<double>(c) * c;
+      }
+      pa[i * la + d] = 1.f;
+      pn[i] = static_cast<float>(q);
+    }
+  });
+}
+
 // Sweep 1 on a unit: the sum of its distances (entries off the diagonal block twice).
 double rkd_unit_dsum(const float* g, const float* nrm, const Unit& u) {
   const int64_t n = u.cols(), dc = u.diag_cols();
@@ -644,20 +716,20 @@ double rkd_unit_dsum(const float* g, const float* nrm, const Unit& u) {
   for (int64_t rr = 0; rr < u.r; ++rr) {
     const float* gi = g + rr * n;
     const float ni = nrm[u.i0 + rr];
-    Acc diag, off;
-    auto body = [&](Acc& acc) {
-      return [&, acc_p = &acc](int64_t j, int64_t cnt, const Vec& valid) {
+    Acc acc[2];
+    auto body = [&](int k) {
+      return [&, k](int64_t j, int64_t cnt, const Vec& valid) {
         Vec d, co;
         distance(load(gi + j, cnt), ni, load(nj + j, cnt), d, co);
-        acc_p->add(d, valid);
+        acc[k].add(d, valid);
       };
     };
     if (dc > 0) {
-      for_cols(0, rr, body(diag));  // the diagonal (j = i) has d = 0
-      for_cols(rr + 1, dc, body(diag));
+      for_cols(0, rr, body(0));  // the diagonal (j = i) has d = 0
+      for_cols(rr + 1, dc, body(0));
     }
-    for_cols(dc, n, body(off));
-    total += diag.get() + 2.0 * off.get();
+    for_cols(dc, n, body(1));
+    total += acc[0].get() + 2.0 * acc[1].get();
   }
   return total;
 }
@@ -684,9 +756,9 @@ void rkd_unit_tile(const float* gs, const float* gt, const float* nrm_s, const f
         Vec ds, dt, cs, ct;
         distance(load(gs + o + j, cnt), nsi, load(njs + j, cnt), ds, cs);
         distance(load(gt + o + j, cnt), nti, load(njt + j, cnt), dt, ct);
-        const Vec rr_ = ds * ims - dt * imt;
-        l[k].add(smooth_l1(rr_), valid);
-        const Vec h = clamp_unit(rr_);
+        const Vec r = ds * ims - dt * imt;
+        l[k].add(smooth_l1(r), valid);
+        const Vec h = clamp_unit(r);
         if (need_s) {
           as[k].add(h * ds, valid);
           const Vec uu = Vec::blendv(Vec(1.f) / ds, Vec(0.f), cs);
@@ -714,17 +786,20 @@ void rkd_unit_tile(const float* gs, const float* gt, const float* nrm_s, const f
   }
 }
 
-// The distance term of RKD on the centred float32 features; adds its loss and gradients.
-void rkd_distance_units(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& nrm_s,
-                        const at::Tensor& nrm_t, double dist_scale, bool need_s, bool need_t,
-                        int64_t tile_elems, at::Tensor& loss, at::Tensor& gs32, at::Tensor& gt32) {
-  const int64_t B = xs.size(0);
+// The distance term of RKD on xa = [centred x | 1]: returns its loss and writes (add: adds) its
+// gradient w.r.t. the centred features into g_s / g_t ([B, d] float32, where needed). The
+// column mean of this gradient is 0 (V and U are symmetric), so the centring adds no term.
+double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const at::Tensor& nrm_s,
+                          const at::Tensor& nrm_t, double dist_scale, bool need_s, bool need_t,
+                          int64_t tile_elems, float* g_s, float* g_t, bool add) {
+  const int64_t B = xa_s.size(0), ds = xa_s.size(1) - 1, dt = xa_t.size(1) - 1;
   const UnitPlan plan = plan_units(B, tile_elems);
-  const int64_t W = static_cast<int64_t>(plan.work.size()), tile = plan.rows * plan.cols;
+  const int64_t W = plan.workers(), tile = plan.tile();
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
-  auto f32 = xs.options();
+  auto f32 = xa_s.options();
   const float* ns = nrm_s.data_ptr<float>();
   const float* nt = nrm_t.data_ptr<float>();
+  at::Tensor xs = xa_s.narrow(1, 0, ds), xt = xa_t.narrow(1, 0, dt);  // the GEMM operands
   at::Tensor gbuf = at::empty({W, 2, tile}, f32);
 
   // Sweep 1: the mean distance per side.
@@ -743,17 +818,14 @@ void rkd_distance_units(const at::Tensor& xs, const at::Tensor& xt, const at::Te
   const double mu_t = std::accumulate(dsum_t.begin(), dsum_t.end(), 0.0) / pairs;
   const float ims = static_cast<float>(1.0 / mu_s), imt = static_cast<float>(1.0 / mu_t);
 
-  // Sweep 2: loss, and V X~, U X~ with X~ = [X | 1] (the last column gives the row sums of V, U).
-  auto ones = [&](const at::Tensor& x) { return at::cat({x, at::ones({B, 1}, f32)}, 1); };
-  at::Tensor xsa, xta, acc_s, acc_t, wbuf_s, wbuf_t;  // acc: [W, 2 (V, U), B, d + 1]
+  // Sweep 2: loss, and per worker [V X~ ; U X~] with X~ = [X | 1].
+  at::Tensor acc_s, acc_t, wbuf_s, wbuf_t;  // acc: [W, 2 (V, U), B, d + 1]
   if (need_s) {
-    xsa = ones(xs);
-    acc_s = at::zeros({W, 2, B, xsa.size(1)}, f32);
+    acc_s = at::empty({W, 2, B, ds + 1}, f32);
     wbuf_s = at::empty({W, 2, tile}, f32);
   }
   if (need_t) {
-    xta = ones(xt);
-    acc_t = at::zeros({W, 2, B, xta.size(1)}, f32);
+    acc_t = at::empty({W, 2, B, dt + 1}, f32);
     wbuf_t = at::empty({W, 2, tile}, f32);
   }
   std::vector<RKDUnitSums> sums(W);
@@ -765,20 +837,28 @@ void rkd_distance_units(const at::Tensor& xs, const at::Tensor& xt, const at::Te
     float* vt = need_t ? wbuf_t[w][0].data_ptr<float>() : nullptr;
     float* ut = need_t ? wbuf_t[w][1].data_ptr<float>() : nullptr;
     at::Tensor gh_s, gf_s, gh_t, gf_t;
-    if (need_s) { gh_s = acc_s[w][0]; gf_s = acc_s[w][1]; }
-    if (need_t) { gh_t = acc_t[w][0]; gf_t = acc_t[w][1]; }
+    if (need_s) {
+      gh_s = acc_s[w][0];
+      gf_s = acc_s[w][1];
+      std::fill_n(gh_s.data_ptr<float>(), 2 * B * (ds + 1), 0.f);
+    }
+    if (need_t) {
+      gh_t = acc_t[w][0];
+      gf_t = acc_t[w][1];
+      std::fill_n(gh_t.data_ptr<float>(), 2 * B * (dt + 1), 0.f);
+    }
     for (const Unit& u : plan.work[w]) {
       unit_gram(bs, xs, u);
       unit_gram(bt, xt, u);
       rkd_unit_tile(bs, bt, ns, nt, ims, imt, need_s, need_t, vs, us, vt, ut, u, sums[w]);
       auto view = [&](float* p) { return at::from_blob(p, {u.r, u.cols()}, f32); };
       if (need_s) {
-        unit_contract(gh_s, view(vs), xsa, u);
-        unit_contract(gf_s, view(us), xsa, u);
+        unit_contract(gh_s, view(vs), xa_s, u);
+        unit_contract(gf_s, view(us), xa_s, u);
       }
       if (need_t) {
-        unit_contract(gh_t, view(vt), xta, u);
-        unit_contract(gf_t, view(ut), xta, u);
+        unit_contract(gh_t, view(vt), xa_t, u);
+        unit_contract(gf_t, view(ut), xa_t, u);
       }
     }
   });
@@ -788,20 +868,41 @@ void rkd_distance_units(const at::Tensor& xs, const at::Tensor& xt, const at::Te
     tot.a_s += s.a_s;
     tot.a_t += s.a_t;
   }
-  loss = loss + tot.loss * dist_scale;
   // grad = 2 scale / mu * [(v x - V X) - A / N (u x - U X)], A = sum_ij h_ij d_hat_ij (see
   // relation_kd.h); the second term is the gradient through the mean distance.
-  auto assemble = [&](at::Tensor& g, const at::Tensor& x, const at::Tensor& acc, double a_sum,
+  auto assemble = [&](float* g, const at::Tensor& xa, const at::Tensor& acc, double a_sum,
                       float inv_mu) {
-    const int64_t d = x.size(1);
-    at::Tensor vu = acc.sum(0);  // [2, B, d + 1], workers in a fixed order
-    at::Tensor gh = vu[1].narrow(1, d, 1) * x - vu[1].narrow(1, 0, d);
-    gh.mul_(static_cast<float>(a_sum * inv_mu / pairs));
-    gh.sub_(vu[0].narrow(1, d, 1) * x - vu[0].narrow(1, 0, d));  // -[(v x - V X) - lam (...)]
-    g.sub_(gh.mul_(static_cast<float>(2.0 * dist_scale * inv_mu)));
+    const int64_t d = xa.size(1) - 1, la = d + 1;
+    const float* px = xa.data_ptr<float>();
+    const float* pacc = acc.data_ptr<float>();
+    const float lam = static_cast<float>(a_sum * inv_mu / pairs);
+    const float k = static_cast<float>(2.0 * dist_scale * inv_mu);
+    const int64_t stride_w = 2 * B * la, stride_vu = B * la;
+    for_row_ranges(B, row_workers(B, 4 * W * la), [&](int64_t, int64_t i0, int64_t i1) {
+      std::vector<float> row(2 * la);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t c = 0; c < la; ++c) {
+          float v = 0.f, uu = 0.f;
+          for (int64_t w = 0; w < W; ++w) {
+            v += pacc[w * stride_w + i * la + c];
+            uu += pacc[w * stride_w + stride_vu + i * la + c];
+          }
+          row[c] = v;
+          row[la + c] = uu;
+        }
+        const float v = row[d], uu = row[la + d];
+        for (int64_t c = 0; c < d; ++c) {
+          const float x = px[i * la + c];
+          const float gh = v * x - row[c], gf = uu * x - row[la + c];
+          const float val = (gh - lam * gf) * k;
+          g[i * d + c] = add ? g[i * d + c] + val : val;
+        }
+      }
+    });
   };
-  if (need_s) assemble(gs32, xs, acc_s, tot.a_s, ims);
-  if (need_t) assemble(gt32, xt, acc_t, tot.a_t, imt);
+  if (need_s) assemble(g_s, xa_s, acc_s, tot.a_s, ims);
+  if (need_t) assemble(g_t, xa_t, acc_t, tot.a_t, imt);
+  return tot.loss * dist_scale;
 }
 
 // -------------------------------------------------------------------------------------------- PKT
@@ -866,6 +967,63 @@ double pkt_unit_tile(const float* gs, const float* gt, const float* ris, const f
   return loss;
 }
 
+// One side of PKT: e_hat = x / (||x|| + eps), 1 / (||x|| + eps), ||x||, sum_j e_hat_j (float64),
+// and the row sums of c, sum_j c_ij = (B + e_hat_i . sum_j e_hat_j) / 2.
+struct PKTSide {
+  at::Tensor x, e, norm, inv_m, rsum, rinv;
+  std::vector<double> esum;
+};
+
+PKTSide pkt_side(const at::Tensor& x32, double eps) {
+  PKTSide s;
+  const int64_t B = x32.size(0), d = x32.size(1);
+  auto f32 = x32.options();
+  s.x = x32;
+  s.e = at::empty({B, d}, f32);
+  at::Tensor rows = at::empty({5, B}, f32);
+  s.norm = rows[0];
+  s.inv_m = rows[1];
+  s.rsum = rows[2];
+  s.rinv = rows[3];
+  const int64_t W = row_workers(B, 4 * d);
+  std::vector<double> part(W * d, 0.0);
+  const float* px = x32.data_ptr<float>();
+  float* pe = s.e.data_ptr<float>();
+  float* pn = s.norm.data_ptr<float>();
+  float* pi = s.inv_m.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  for_row_ranges(B, W, [&](int64_t w, int64_t i0, int64_t i1) {
+    double* ps = part.data() + w * d;
+    for (int64_t i = i0; i < i1; ++i) {
+      double q = 0.0;
+      for (int64_t k = 0; k < d; ++k) q += static_cast<double>(px[i * d + k]) * px[i * d + k];
+      const float nrm = static_cast<float>(std::sqrt(q)), inv = 1.f / (nrm + epsf);
+      pn[i] = nrm;
+      pi[i] = inv;
+      for (int64_t k = 0; k < d; ++k) {
+        const float e = px[i * d + k] * inv;
+        pe[i * d + k] = e;
+        ps[k] += e;
+      }
+    }
+  });
+  s.esum.assign(d, 0.0);
+  for (int64_t w = 0; w < W; ++w)
+    for (int64_t k = 0; k < d; ++k) s.esum[k] += part[w * d + k];
+  float* pr = s.rsum.data_ptr<float>();
+  float* prr = s.rinv.data_ptr<float>();
+  for_row_ranges(B, W, [&](int64_t, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      double t = 0.0;
+      for (int64_t k = 0; k < d; ++k) t += static_cast<double>(pe[i * d + k]) * s.esum[k];
+      const float r = static_cast<float>((static_cast<double>(B) + t) * 0.5);
+      pr[i] = r;
+      prr[i] = 1.f / r;
+    }
+  });
+  return s;
+}
+
 }  // namespace
 
 RelationGrads sp_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, double scale,
@@ -880,21 +1038,38 @@ RelationGrads sp_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 RelationGrads rkd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
                            double dist_scale, double angle_scale, bool need_s, bool need_t,
                            int64_t tile_elems) {
-  at::Tensor xs = to_f32(student), xt = to_f32(teacher);
-  xs = xs - xs.mean(0, true);
-  xt = xt - xt.mean(0, true);
-  at::Tensor nrm_s = (xs * xs).sum(1), nrm_t = (xt * xt).sum(1);
-  at::Tensor loss = at::zeros({}, xs.options().dtype(at::kDouble));
+  const int64_t B = student.size(0);
+  at::Tensor xa_s, xa_t, nrm_s, nrm_t;
+  rkd_centre(to_f32(student), xa_s, nrm_s);
+  rkd_centre(to_f32(teacher), xa_t, nrm_t);
+  const int64_t ds = xa_s.size(1) - 1, dt = xa_t.size(1) - 1;
+  auto f32 = xa_s.options();
+  c10::optional<at::Tensor> grad_s, grad_t;
+  if (angle_scale == 0.0) {
+    at::Tensor gs32, gt32;
+    if (need_s) gs32 = dist_scale != 0.0 ? at::empty({B, ds}, f32) : at::zeros({B, ds}, f32);
+    if (need_t) gt32 = dist_scale != 0.0 ? at::empty({B, dt}, f32) : at::zeros({B, dt}, f32);
+    double loss = 0.0;
+    if (dist_scale != 0.0)
+      loss = rkd_distance_units(xa_s, xa_t, nrm_s, nrm_t, dist_scale, need_s, need_t, tile_elems,
+                                need_s ? gs32.data_ptr<float>() : nullptr,
+                                need_t ? gt32.data_ptr<float>() : nullptr, false);
+    if (need_s) grad_s = finish_grad(gs32, student);
+    if (need_t) grad_t = finish_grad(gt32, teacher);
+    return {at::scalar_tensor(loss, f32), grad_s, grad_t};
+  }
+  // With the angle term (O(B^2) matrices, torch ops around its kernel).
+  at::Tensor xs = xa_s.narrow(1, 0, ds).contiguous(), xt = xa_t.narrow(1, 0, dt).contiguous();
   at::Tensor gs32, gt32;
   if (need_s) gs32 = at::zeros_like(xs);
   if (need_t) gt32 = at::zeros_like(xt);
+  at::Tensor loss = at::zeros({}, xs.options().dtype(at::kDouble));
   if (dist_scale != 0.0)
-    rkd_distance_units(xs, xt, nrm_s, nrm_t, dist_scale, need_s, need_t, tile_elems, loss, gs32, gt32);
-  if (angle_scale != 0.0) {
-    const RKDKernels k{rkd_stats_cpu, rkd_tile_cpu, rkd_angle_cpu};
-    rkd_angle(xs, xt, nrm_s, nrm_t, angle_scale, need_s, need_t, k, loss, gs32, gt32);
-  }
-  c10::optional<at::Tensor> grad_s, grad_t;
+    loss = loss + rkd_distance_units(xa_s, xa_t, nrm_s, nrm_t, dist_scale, need_s, need_t,
+                                     tile_elems, need_s ? gs32.data_ptr<float>() : nullptr,
+                                     need_t ? gt32.data_ptr<float>() : nullptr, true);
+  const RKDKernels k{rkd_stats_cpu, rkd_tile_cpu, rkd_angle_cpu};
+  rkd_angle(xs, xt, nrm_s, nrm_t, angle_scale, need_s, need_t, k, loss, gs32, gt32);
   // Chain rule through the centring x -> x - mean(x): subtract the column mean of the gradient.
   if (need_s) grad_s = finish_grad(gs32.sub_(gs32.mean(0, true)), student);
   if (need_t) grad_t = finish_grad(gt32.sub_(gt32.mean(0, true)), teacher);
@@ -904,31 +1079,22 @@ RelationGrads rkd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
 RelationGrads pkt_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, double eps,
                            double scale, bool need_s, bool need_t, int64_t tile_elems) {
   const int64_t B = student.size(0);
-  at::Tensor xs = to_f32(student), xt = to_f32(teacher);
-  auto f32 = xs.options();
-  at::Tensor norm_s = (xs * xs).sum(1).sqrt(), norm_t = (xt * xt).sum(1).sqrt();
-  at::Tensor inv_m_s = (norm_s + eps).reciprocal(), inv_m_t = (norm_t + eps).reciprocal();
-  at::Tensor es = xs * inv_m_s.unsqueeze(1), et = xt * inv_m_t.unsqueeze(1);
-  // sum_j c_ij = (B + e_hat_i . sum_j e_hat_j) / 2, in float64.
-  auto row_sums = [&](const at::Tensor& e) {
-    at::Tensor e64 = e.to(at::kDouble);
-    return ((at::mv(e64, e64.sum(0)) + static_cast<double>(B)) * 0.5).to(at::kFloat);
-  };
-  at::Tensor rsum_s = row_sums(es), rsum_t = row_sums(et);
-  at::Tensor rinv_s = rsum_s.reciprocal(), rinv_t = rsum_t.reciprocal();
+  const PKTSide S = pkt_side(to_f32(student), eps), T = pkt_side(to_f32(teacher), eps);
+  const int64_t ds = S.x.size(1), dt = T.x.size(1);
+  auto f32 = S.x.options();
 
   const UnitPlan plan = plan_units(B, tile_elems);
-  const int64_t W = static_cast<int64_t>(plan.work.size()), tile = plan.rows * plan.cols;
+  const int64_t W = plan.workers(), tile = plan.tile();
   at::Tensor gbuf = at::empty({W, 2, tile}, f32);
   at::Tensor wbuf = at::empty({W, int64_t{need_s} + int64_t{need_t}, tile}, f32);
   at::Tensor colbuf = at::empty({W, 2, plan.cols}, f32);
-  at::Tensor bsum = at::zeros({W, 2, B}, f32.dtype(at::kDouble));  // b_s, b_t per worker
+  at::Tensor bsum = at::empty({W, 2, B}, f32.dtype(at::kDouble));  // b_s, b_t per worker
   at::Tensor ge_acc_s, ge_acc_t;
-  if (need_s) ge_acc_s = at::zeros({W, B, xs.size(1)}, f32);
-  if (need_t) ge_acc_t = at::zeros({W, B, xt.size(1)}, f32);
+  if (need_s) ge_acc_s = at::empty({W, B, ds}, f32);
+  if (need_t) ge_acc_t = at::empty({W, B, dt}, f32);
   std::vector<double> loss_w(W, 0.0);
-  const float* ris = rinv_s.data_ptr<float>();
-  const float* rit = rinv_t.data_ptr<float>();
+  const float* ris = S.rinv.data_ptr<float>();
+  const float* rit = T.rinv.data_ptr<float>();
   for_workers(plan, [&](int64_t w) {
     float* bs = gbuf[w][0].data_ptr<float>();
     float* bt = gbuf[w][1].data_ptr<float>();
@@ -936,39 +1102,74 @@ RelationGrads pkt_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
     float* wt = need_t ? wbuf[w][need_s ? 1 : 0].data_ptr<float>() : nullptr;
     double* b_s = bsum[w][0].data_ptr<double>();
     double* b_t = bsum[w][1].data_ptr<double>();
+    std::fill_n(b_s, 2 * B, 0.0);
     float* col_s = colbuf[w][0].data_ptr<float>();
     float* col_t = colbuf[w][1].data_ptr<float>();
     at::Tensor ge_s, ge_t;
-    if (need_s) ge_s = ge_acc_s[w];
-    if (need_t) ge_t = ge_acc_t[w];
+    if (need_s) {
+      ge_s = ge_acc_s[w];
+      std::fill_n(ge_s.data_ptr<float>(), B * ds, 0.f);
+    }
+    if (need_t) {
+      ge_t = ge_acc_t[w];
+      std::fill_n(ge_t.data_ptr<float>(), B * dt, 0.f);
+    }
     for (const Unit& u : plan.work[w]) {
-      unit_gram(bs, es, u);
-      unit_gram(bt, et, u);
+      unit_gram(bs, S.e, u);
+      unit_gram(bt, T.e, u);
       loss_w[w] += pkt_unit_tile(bs, bt, ris, rit, static_cast<float>(eps), static_cast<float>(scale),
                                  need_s, need_t, ws, wt, b_s, b_t, col_s, col_t, u);
       auto view = [&](float* p) { return at::from_blob(p, {u.r, u.cols()}, f32); };
-      if (need_s) unit_contract(ge_s, view(ws), es, u);
-      if (need_t) unit_contract(ge_t, view(wt), et, u);
+      if (need_s) unit_contract(ge_s, view(ws), S.e, u);
+      if (need_t) unit_contract(ge_t, view(wt), T.e, u);
     }
   });
   const double loss_sum = std::accumulate(loss_w.begin(), loss_w.end(), 0.0);
   at::Tensor loss = at::scalar_tensor(loss_sum * scale, f32);
-  at::Tensor b = bsum.sum(0).to(at::kFloat);  // [2, B]
-  // Row-sum correction and the chain rule through e_hat = x / (||x|| + eps), as in pkt_loss.
-  auto assemble = [&](const at::Tensor& ge_acc, const at::Tensor& x, const at::Tensor& bb,
-                      const at::Tensor& rsum, const at::Tensor& inv_m, const at::Tensor& norm) {
-    at::Tensor ge = ge_acc.sum(0);
-    at::Tensor beta = bb / (2.0 * rsum);
-    at::Tensor sigma = at::mv(x.t(), inv_m);
-    at::Tensor tau = at::mv(x.t(), beta * inv_m);
-    ge.sub_(at::outer(beta, sigma)).sub_(tau.unsqueeze(0));
-    at::Tensor safe = at::where(norm > 0, norm, at::ones_like(norm));
-    at::Tensor proj = (ge * x).sum(1) * inv_m * inv_m / safe;
-    return ge.mul_(inv_m.unsqueeze(1)).sub_(proj.unsqueeze(1) * x);
+  // Row-sum correction: dL/dG_hat_ij also holds -beta_i (beta = b / (2 rsum)), so the gradient
+  // w.r.t. e_hat_i gains -beta_i sum_j e_hat_j - sum_j beta_j e_hat_j. Then the chain rule
+  // through e_hat = x / (||x|| + eps): g_x = g / m - (g . x) x / (m^2 ||x||) (0 at x = 0).
+  auto assemble = [&](const PKTSide& P, const at::Tensor& ge_acc, int side) {
+    const int64_t d = P.x.size(1);
+    const double* pb = bsum.data_ptr<double>();
+    const float* pe = P.e.data_ptr<float>();
+    const float* pr = P.rsum.data_ptr<float>();
+    std::vector<float> beta(B);
+    std::vector<double> tau(d, 0.0);
+    for (int64_t i = 0; i < B; ++i) {
+      double b = 0.0;
+      for (int64_t w = 0; w < W; ++w) b += pb[(w * 2 + side) * B + i];
+      beta[i] = static_cast<float>(b) / (2.f * pr[i]);
+      for (int64_t k = 0; k < d; ++k) tau[k] += static_cast<double>(beta[i]) * pe[i * d + k];
+    }
+    std::vector<float> sigma(P.esum.begin(), P.esum.end()), tauf(tau.begin(), tau.end());
+    at::Tensor g = at::empty({B, d}, f32);
+    const float* pacc = ge_acc.data_ptr<float>();
+    const float* px = P.x.data_ptr<float>();
+    const float* pn = P.norm.data_ptr<float>();
+    const float* pm = P.inv_m.data_ptr<float>();
+    float* pg = g.data_ptr<float>();
+    for_row_ranges(B, row_workers(B, (W + 4) * d), [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* gi = pg + i * d;
+        float dotgx = 0.f;
+        for (int64_t k = 0; k < d; ++k) {
+          float v = pacc[i * d + k];
+          for (int64_t w = 1; w < W; ++w) v += pacc[(w * B + i) * d + k];
+          v = v - beta[i] * sigma[k] - tauf[k];
+          gi[k] = v;
+          dotgx += v * px[i * d + k];
+        }
+        const float m = pm[i], safe = pn[i] > 0.f ? pn[i] : 1.f;
+        const float proj = dotgx * m * m / safe;
+        for (int64_t k = 0; k < d; ++k) gi[k] = gi[k] * m - proj * px[i * d + k];
+      }
+    });
+    return g;
   };
   c10::optional<at::Tensor> grad_s, grad_t;
-  if (need_s) grad_s = finish_grad(assemble(ge_acc_s, xs, b[0], rsum_s, inv_m_s, norm_s), student);
-  if (need_t) grad_t = finish_grad(assemble(ge_acc_t, xt, b[1], rsum_t, inv_m_t, norm_t), teacher);
+  if (need_s) grad_s = finish_grad(assemble(S, ge_acc_s, 0), student);
+  if (need_t) grad_t = finish_grad(assemble(T, ge_acc_t, 1), teacher);
   return {loss, grad_s, grad_t};
 }
 
