@@ -672,10 +672,9 @@ struct Acc {
 };
 
 // ------------------------------------------------------------------------------------ RKD distance
-// x [B, d] -> xa = [x - mean_rows(x) | 1] (float32; the column of ones makes the contractions
-// also return the row sums of the weight tiles) and the squared norms of the centred rows.
+// x [B, d] -> xa = x - mean_rows(x) (float32) and the squared norms of the centred rows.
 void rkd_centre(const at::Tensor& x32, at::Tensor& xa, at::Tensor& nrm) {
-  const int64_t B = x32.size(0), d = x32.size(1), la = d + 1;
+  const int64_t B = x32.size(0), d = x32.size(1), la = d;
   xa = at::empty({B, la}, x32.options());
   nrm = at::empty({B}, x32.options());
   const int64_t W = row_workers(B, d);
@@ -702,7 +701,6 @@ void rkd_centre(const at::Tensor& x32, at::Tensor& xa, at::Tensor& nrm) {
         pa[i * la + k] = c;
         q += static_cast<double>(c) * c;
       }
-      pa[i * la + d] = 1.f;
       pn[i] = static_cast<float>(q);
     }
   });
@@ -739,18 +737,29 @@ struct RKDUnitSums {
 };
 
 // Sweep 2 on a unit: loss and sum_j h_ij d_ij per side; V = h / d and U = 1 / d (teacher: -h / d)
-// written at the unit's entries (0 on the diagonal and at coincident pairs).
+// written at the unit's entries (0 on the diagonal and at coincident pairs), and their row sums
+// added to vu_s / vu_t ([2, B] float64: v, u; columns off the diagonal block count for row j too).
+// col: 4 x cols floats of scratch.
 void rkd_unit_tile(const float* gs, const float* gt, const float* nrm_s, const float* nrm_t,
                    float ims_f, float imt_f, bool need_s, bool need_t, float* vs, float* us,
-                   float* vt, float* ut, const Unit& u, RKDUnitSums& sums) {
+                   float* vt, float* ut, double* vu_s, double* vu_t, float* col, const Unit& u,
+                   RKDUnitSums& sums, int64_t B) {
   const int64_t n = u.cols(), dc = u.diag_cols();
   const float* njs = nrm_s + u.c0;
   const float* njt = nrm_t + u.c0;
   const Vec ims(ims_f), imt(imt_f);
+  float* cvs = col;  // column sums of V_s, U_s, V_t, U_t over the unit's rows
+  float* cus = col + n;
+  float* cvt = col + 2 * n;
+  float* cut = col + 3 * n;
+  std::fill(col, col + 4 * n, 0.f);
+  auto col_add = [](float* c, int64_t j, int64_t cnt, const Vec& v) {
+    (load(c + j, cnt) + v).store(c + j, cnt);
+  };
   for (int64_t rr = 0; rr < u.r; ++rr) {
     const int64_t i = u.i0 + rr, o = rr * n;
     const float nsi = nrm_s[i], nti = nrm_t[i];
-    Acc l[2], as[2], at_[2];
+    Acc l[2], as[2], at_[2], rvs, rus, rvt, rut;
     auto body = [&](int k) {
       return [&, k](int64_t j, int64_t cnt, const Vec& valid) {
         Vec ds, dt, cs, ct;
@@ -762,14 +771,28 @@ void rkd_unit_tile(const float* gs, const float* gt, const float* nrm_s, const f
         if (need_s) {
           as[k].add(h * ds, valid);
           const Vec uu = Vec::blendv(Vec(1.f) / ds, Vec(0.f), cs);
-          (h * uu).store(vs + o + j, cnt);
+          const Vec vv = h * uu;
+          vv.store(vs + o + j, cnt);
           uu.store(us + o + j, cnt);
+          rvs.add(vv, valid);
+          rus.add(uu, valid);
+          if (k == 1) {
+            col_add(cvs, j, cnt, vv);
+            col_add(cus, j, cnt, uu);
+          }
         }
         if (need_t) {  // teacher: h -> -h
           at_[k].add(h * dt, valid);
           const Vec uu = Vec::blendv(Vec(1.f) / dt, Vec(0.f), ct);
-          (Vec(0.f) - h * uu).store(vt + o + j, cnt);
+          const Vec vv = Vec(0.f) - h * uu;
+          vv.store(vt + o + j, cnt);
           uu.store(ut + o + j, cnt);
+          rvt.add(vv, valid);
+          rut.add(uu, valid);
+          if (k == 1) {
+            col_add(cvt, j, cnt, vv);
+            col_add(cut, j, cnt, uu);
+          }
         }
       };
     };
@@ -781,25 +804,44 @@ void rkd_unit_tile(const float* gs, const float* gt, const float* nrm_s, const f
     }
     for_cols(dc, n, body(1));
     sums.loss += l[0].get() + 2.0 * l[1].get();
-    if (need_s) sums.a_s += as[0].get() + 2.0 * as[1].get();
-    if (need_t) sums.a_t -= at_[0].get() + 2.0 * at_[1].get();
+    if (need_s) {
+      sums.a_s += as[0].get() + 2.0 * as[1].get();
+      vu_s[i] += rvs.get();
+      vu_s[B + i] += rus.get();
+    }
+    if (need_t) {
+      sums.a_t -= at_[0].get() + 2.0 * at_[1].get();
+      vu_t[i] += rvt.get();
+      vu_t[B + i] += rut.get();
+    }
+  }
+  for (int64_t j = dc; j < n; ++j) {
+    if (need_s) {
+      vu_s[u.c0 + j] += cvs[j];
+      vu_s[B + u.c0 + j] += cus[j];
+    }
+    if (need_t) {
+      vu_t[u.c0 + j] += cvt[j];
+      vu_t[B + u.c0 + j] += cut[j];
+    }
   }
 }
 
-// The distance term of RKD on xa = [centred x | 1]: returns its loss and writes (add: adds) its
+// The distance term of RKD on the centred features xa: returns its loss and writes (add: adds) its
 // gradient w.r.t. the centred features into g_s / g_t ([B, d] float32, where needed). The
 // column mean of this gradient is 0 (V and U are symmetric), so the centring adds no term.
 double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const at::Tensor& nrm_s,
                           const at::Tensor& nrm_t, double dist_scale, bool need_s, bool need_t,
                           int64_t tile_elems, float* g_s, float* g_t, bool add) {
-  const int64_t B = xa_s.size(0), ds = xa_s.size(1) - 1, dt = xa_t.size(1) - 1;
+  const int64_t B = xa_s.size(0), ds = xa_s.size(1), dt = xa_t.size(1);
   const UnitPlan plan = plan_units(B, tile_elems);
   const int64_t W = plan.workers(), tile = plan.tile();
   const double pairs = static_cast<double>(B) * static_cast<double>(B - 1);
   auto f32 = xa_s.options();
   const float* ns = nrm_s.data_ptr<float>();
   const float* nt = nrm_t.data_ptr<float>();
-  at::Tensor xs = xa_s.narrow(1, 0, ds), xt = xa_t.narrow(1, 0, dt);  // the GEMM operands
+  const at::Tensor& xs = xa_s;
+  const at::Tensor& xt = xa_t;
   at::Tensor gbuf = at::empty({W, 2, tile}, f32);
 
   // Sweep 1: the mean distance per side.
@@ -818,16 +860,18 @@ double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const 
   const double mu_t = std::accumulate(dsum_t.begin(), dsum_t.end(), 0.0) / pairs;
   const float ims = static_cast<float>(1.0 / mu_s), imt = static_cast<float>(1.0 / mu_t);
 
-  // Sweep 2: loss, and per worker [V X~ ; U X~] with X~ = [X | 1].
-  at::Tensor acc_s, acc_t, wbuf_s, wbuf_t;  // acc: [W, 2 (V, U), B, d + 1]
+  // Sweep 2: loss, and per worker V X, U X and the row sums v, u.
+  at::Tensor acc_s, acc_t, wbuf_s, wbuf_t;  // acc: [W, 2 (V, U), B, d]
   if (need_s) {
-    acc_s = at::empty({W, 2, B, ds + 1}, f32);
+    acc_s = at::empty({W, 2, B, ds}, f32);
     wbuf_s = at::empty({W, 2, tile}, f32);
   }
   if (need_t) {
-    acc_t = at::empty({W, 2, B, dt + 1}, f32);
+    acc_t = at::empty({W, 2, B, dt}, f32);
     wbuf_t = at::empty({W, 2, tile}, f32);
   }
+  at::Tensor vu = at::empty({W, 2, 2, B}, f32.dtype(at::kDouble));  // [w][side][v, u][row]
+  at::Tensor colbuf = at::empty({W, 4 * plan.cols}, f32);
   std::vector<RKDUnitSums> sums(W);
   for_workers(plan, [&](int64_t w) {
     float* bs = gbuf[w][0].data_ptr<float>();
@@ -840,17 +884,22 @@ double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const 
     if (need_s) {
       gh_s = acc_s[w][0];
       gf_s = acc_s[w][1];
-      std::fill_n(gh_s.data_ptr<float>(), 2 * B * (ds + 1), 0.f);
+      std::fill_n(gh_s.data_ptr<float>(), 2 * B * ds, 0.f);
     }
     if (need_t) {
       gh_t = acc_t[w][0];
       gf_t = acc_t[w][1];
-      std::fill_n(gh_t.data_ptr<float>(), 2 * B * (dt + 1), 0.f);
+      std::fill_n(gh_t.data_ptr<float>(), 2 * B * dt, 0.f);
     }
+    double* vu_s = vu[w][0].data_ptr<double>();
+    double* vu_t = vu[w][1].data_ptr<double>();
+    std::fill_n(vu_s, 4 * B, 0.0);
+    float* col = colbuf[w].data_ptr<float>();
     for (const Unit& u : plan.work[w]) {
       unit_gram(bs, xs, u);
       unit_gram(bt, xt, u);
-      rkd_unit_tile(bs, bt, ns, nt, ims, imt, need_s, need_t, vs, us, vt, ut, u, sums[w]);
+      rkd_unit_tile(bs, bt, ns, nt, ims, imt, need_s, need_t, vs, us, vt, ut, vu_s, vu_t, col, u,
+                    sums[w], B);
       auto view = [&](float* p) { return at::from_blob(p, {u.r, u.cols()}, f32); };
       if (need_s) {
         unit_contract(gh_s, view(vs), xa_s, u);
@@ -870,17 +919,23 @@ double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const 
   }
   // grad = 2 scale / mu * [(v x - V X) - A / N (u x - U X)], A = sum_ij h_ij d_hat_ij (see
   // relation_kd.h); the second term is the gradient through the mean distance.
-  auto assemble = [&](float* g, const at::Tensor& xa, const at::Tensor& acc, double a_sum,
-                      float inv_mu) {
-    const int64_t d = xa.size(1) - 1, la = d + 1;
+  auto assemble = [&](float* g, const at::Tensor& xa, const at::Tensor& acc, int side,
+                      double a_sum, float inv_mu) {
+    const int64_t d = xa.size(1), la = d;
     const float* px = xa.data_ptr<float>();
     const float* pacc = acc.data_ptr<float>();
+    const double* pvu = vu.data_ptr<double>();
     const float lam = static_cast<float>(a_sum * inv_mu / pairs);
     const float k = static_cast<float>(2.0 * dist_scale * inv_mu);
     const int64_t stride_w = 2 * B * la, stride_vu = B * la;
     for_row_ranges(B, row_workers(B, 4 * W * la), [&](int64_t, int64_t i0, int64_t i1) {
       std::vector<float> row(2 * la);
       for (int64_t i = i0; i < i1; ++i) {
+        double vsum = 0.0, usum = 0.0;
+        for (int64_t w = 0; w < W; ++w) {
+          vsum += pvu[((w * 2 + side) * 2 + 0) * B + i];
+          usum += pvu[((w * 2 + side) * 2 + 1) * B + i];
+        }
         for (int64_t c = 0; c < la; ++c) {
           float v = 0.f, uu = 0.f;
           for (int64_t w = 0; w < W; ++w) {
@@ -890,7 +945,7 @@ double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const 
           row[c] = v;
           row[la + c] = uu;
         }
-        const float v = row[d], uu = row[la + d];
+        const float v = static_cast<float>(vsum), uu = static_cast<float>(usum);
         for (int64_t c = 0; c < d; ++c) {
           const float x = px[i * la + c];
           const float gh = v * x - row[c], gf = uu * x - row[la + c];
@@ -900,8 +955,8 @@ double rkd_distance_units(const at::Tensor& xa_s, const at::Tensor& xa_t, const 
       }
     });
   };
-  if (need_s) assemble(g_s, xa_s, acc_s, tot.a_s, ims);
-  if (need_t) assemble(g_t, xa_t, acc_t, tot.a_t, imt);
+  if (need_s) assemble(g_s, xa_s, acc_s, 0, tot.a_s, ims);
+  if (need_t) assemble(g_t, xa_t, acc_t, 1, tot.a_t, imt);
   return tot.loss * dist_scale;
 }
 
@@ -1042,7 +1097,7 @@ RelationGrads rkd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor xa_s, xa_t, nrm_s, nrm_t;
   rkd_centre(to_f32(student), xa_s, nrm_s);
   rkd_centre(to_f32(teacher), xa_t, nrm_t);
-  const int64_t ds = xa_s.size(1) - 1, dt = xa_t.size(1) - 1;
+  const int64_t ds = xa_s.size(1), dt = xa_t.size(1);
   auto f32 = xa_s.options();
   c10::optional<at::Tensor> grad_s, grad_t;
   if (angle_scale == 0.0) {
@@ -1059,7 +1114,8 @@ RelationGrads rkd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
     return {at::scalar_tensor(loss, f32), grad_s, grad_t};
   }
   // With the angle term (O(B^2) matrices, torch ops around its kernel).
-  at::Tensor xs = xa_s.narrow(1, 0, ds).contiguous(), xt = xa_t.narrow(1, 0, dt).contiguous();
+  const at::Tensor& xs = xa_s;
+  const at::Tensor& xt = xa_t;
   at::Tensor gs32, gt32;
   if (need_s) gs32 = at::zeros_like(xs);
   if (need_t) gt32 = at::zeros_like(xt);
