@@ -36,6 +36,8 @@ inline tiled::RelationGrads relation_sp_forward(const at::Tensor& student, const
                                                 int64_t tile_elems) {
   relation_detail::check_pair(student, teacher);
   DeviceScope scope(student);
+  if (!runs_cuda_kernels(student))
+    return tiled::sp_loss_cpu(student, teacher, scale, need_s, need_t, tile_elems);
   const tiled::SPKernels k{FASTKD_KERNEL(student, sp_stats), FASTKD_KERNEL(student, sp_tile)};
   return tiled::sp_loss(student, teacher, scale, need_s, need_t,
                         relation_detail::tile_rows(student, tile_elems), k);
@@ -46,6 +48,9 @@ inline tiled::RelationGrads relation_rkd_forward(const at::Tensor& student, cons
                                                  bool need_t, int64_t tile_elems) {
   relation_detail::check_pair(student, teacher);
   DeviceScope scope(student);
+  if (!runs_cuda_kernels(student))
+    return tiled::rkd_loss_cpu(student, teacher, dist_scale, angle_scale, need_s, need_t,
+                               tile_elems);
   const int64_t B = student.size(0);
   tiled::RKDKernels k{FASTKD_KERNEL(student, rkd_stats), FASTKD_KERNEL(student, rkd_tile),
                       FASTKD_KERNEL(student, rkd_angle)};
@@ -60,6 +65,8 @@ inline tiled::RelationGrads relation_pkt_forward(const at::Tensor& student, cons
                                                  int64_t tile_elems) {
   relation_detail::check_pair(student, teacher);
   DeviceScope scope(student);
+  if (!runs_cuda_kernels(student))
+    return tiled::pkt_loss_cpu(student, teacher, eps, scale, need_s, need_t, tile_elems);
   const tiled::PKTKernels k{FASTKD_KERNEL(student, pkt_stats), FASTKD_KERNEL(student, pkt_tile)};
   return tiled::pkt_loss(student, teacher, eps, scale, need_s, need_t,
                          relation_detail::tile_rows(student, tile_elems), k);

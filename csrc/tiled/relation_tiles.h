@@ -413,4 +413,23 @@ inline RelationGrads pkt_loss(const at::Tensor& student, const at::Tensor& teach
   return {loss, grad_s, grad_t};
 }
 
+// --------------------------------------------------------------------------- CPU algorithms
+// The CPU kernels run their own algorithms (csrc/cpu/relation_kd.cpp), chosen by the glue when
+// the CPU kernels serve the tensors (not for CUDA or the CUDA emulator):
+// - SP in factored form when d_s + d_t is small next to B: sum_j G_ij G'_ij = x_i^T (X^T X') x'_i,
+//   so the loss and its gradient come from d x d matrices (float64, O(B d + d^2) memory) and no
+//   B x B tile is formed; otherwise (or when tile_elems > 0 asks for the tiled path) sp_loss.
+// - RKD-distance and PKT over the upper triangle of the relation only (it is symmetric): work
+//   units of rows [i0, i0 + r) x columns [c0, c1), c0 >= i0, each worker thread running its own
+//   units with single-threaded GEMMs; an entry off the diagonal block serves (i, j) and (j, i).
+//   PKT's row sums of c are sum_j c_ij = (B + e_hat_i . sum_j e_hat_j) / 2 (no first sweep).
+// tile_elems as for the other paths (0: the CPU default).
+RelationGrads sp_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, double scale,
+                          bool need_s, bool need_t, int64_t tile_elems);
+RelationGrads rkd_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                           double dist_scale, double angle_scale, bool need_s, bool need_t,
+                           int64_t tile_elems);
+RelationGrads pkt_loss_cpu(const at::Tensor& student, const at::Tensor& teacher, double eps,
+                           double scale, bool need_s, bool need_t, int64_t tile_elems);
+
 }  // namespace fastkd::tiled
