@@ -518,6 +518,40 @@ def describe(cfg: Config) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.meta.items() if k not in _SHOWN_META)
 
 
+#: The sources of the kernels compiled here: a table of compile results is current while their
+#: hash (with the Triton version) is the one it records.
+KERNEL_SOURCES = ("fastkd/logit/triton_kernel.py", "fastkd/feature/triton_kernel.py",
+                  "fastkd/relation/triton_kernel.py")
+
+
+def source_hash() -> str:
+    """SHA-256 of :data:`KERNEL_SOURCES` and the Triton version."""
+    import triton
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(triton.__version__.encode())
+    for rel in KERNEL_SOURCES:
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(rel.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def config_key(cfg: Config) -> str:
+    """A config's identity as a string (the ``key`` column of the resource table)."""
+    return json.dumps(cfg.key(), sort_keys=True, default=str)
+
+
+def sample(configs) -> list:
+    """The first and the last configuration of every kernel (enumeration order): what a quick
+    check compiles to confirm a committed table."""
+    picked = {}
+    for c in configs:
+        picked.setdefault(c.name, [c, c])[1] = c
+    out = []
+    for first, last in picked.values():
+        out += [first] if first is last else [first, last]
+    return out
+
+
 def rows(configs, results, targets=TARGETS) -> list:
     """One dict per (config, target): the table rows of resources-triton.json."""
     out = []
@@ -526,7 +560,8 @@ def rows(configs, results, targets=TARGETS) -> list:
             res = results.get((i, arch), {"error": "missing"})
             lim = LIMITS[arch]
             grids = cfg.grids.get(lim.sms, [])
-            row = {"kernel": cfg.name, "family": cfg.family, "target": f"sm_{arch}",
+            row = {"kernel": cfg.name, "key": config_key(cfg), "family": cfg.family,
+                   "target": f"sm_{arch}",
                    "constexprs": {k: v for k, v in cfg.meta.items() if k not in _SHOWN_META},
                    "pointer_dtypes": cfg.pointer_dtypes(), "labels": cfg.labels,
                    "grids": [list(g) for g in grids]}

@@ -145,6 +145,7 @@ def main(argv=None):
     nerr = sum("error" in r for r in rows)
     meta = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "triton": triton.__version__, "torch": torch.__version__,
+            "source_hash": aot.source_hash(),
             "configurations": len(configs), "compiles": len(rows), "failures": nerr,
             "wall_seconds": round(wall, 1), "workers": args.workers,
             "limits": {f"sm_{a}": vars(lim) for a, lim in aot.LIMITS.items()}}

@@ -2,9 +2,15 @@
 needed), the resource limits the dispatch choices were made for, and - under the interpreter -
 the split grids those choices introduced, against the float64 reference.
 
-The compile runs once per session (about 5 minutes on 2 cores: 2 worker processes; see
-fastkd/_triton_aot.py); ``FASTKD_AOT_CACHE=DIR`` keeps its results between runs, keyed by the
-kernels' source hash.
+Every configuration compiled is a ~7-minute job on 2 cores; its results are the committed table
+``benchmarks/results/resources-triton.json`` (written by ``scripts/triton_resources.py``). By
+default this suite checks that the table is current (it records the hash of the kernel sources
+and the Triton version, and lists exactly the configurations the dispatchers pick now),
+recompiles a sample (the first and last configuration of every kernel, both targets) and
+requires the same resources as the table, then runs the resource checks on every row of the
+table. A kernel change therefore fails here until the table is regenerated, which compiles
+everything. ``FASTKD_AOT_FULL=1`` compiles every configuration in this session instead;
+``FASTKD_AOT_CACHE=DIR`` keeps compile results between runs, keyed by the kernels' source hash.
 """
 from __future__ import annotations
 
@@ -39,15 +45,56 @@ def configs():
     return aot.enumerate_launches()
 
 
+TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "results", "resources-triton.json")
+#: The resources a fresh compile must reproduce from the committed table.
+COMPARED = ("num_warps", "num_stages", "regs", "spill_stores", "spill_loads", "stack", "shared",
+            "static_smem", "tensor_cores")
+
+
 @pytest.fixture(scope="module")
-def compiled(configs, tmp_path_factory):
+def table():
+    import json
+    with open(TABLE) as f:
+        return json.load(f)
+
+
+def _compile(configs, tmp_path_factory):
     cache = os.environ.get("FASTKD_AOT_CACHE") or str(tmp_path_factory.mktemp("aot-cache"))
     t0 = time.perf_counter()
     results = aot.compile_all(configs, workers=2, cache_dir=cache)
-    wall = time.perf_counter() - t0
     print(f"\nahead-of-time compile: {len(configs)} configurations x {len(aot.TARGETS)} targets "
-          f"in {wall:.0f} s")
+          f"in {time.perf_counter() - t0:.0f} s")
     return aot.rows(configs, results)
+
+
+def test_committed_table_is_current(configs, table):
+    """The committed table was compiled from today's kernel sources and Triton, and lists
+    exactly the configurations the dispatchers pick now."""
+    regenerate = "regenerate it: python scripts/triton_resources.py (about 7 minutes)"
+    assert table["meta"].get("source_hash") == aot.source_hash(), \
+        f"{TABLE} was compiled from other kernel sources or another Triton; {regenerate}"
+    want = {(aot.config_key(c), f"sm_{a}") for c in configs for a in aot.TARGETS}
+    have = {(r["key"], r["target"]) for r in table["rows"]}
+    assert have == want, f"{len(want - have)} configurations missing from {TABLE} and " \
+                         f"{len(have - want)} no longer picked; {regenerate}"
+
+
+@pytest.fixture(scope="module")
+def compiled(configs, table, tmp_path_factory):
+    """Every (configuration, target) row with its resources: compiled now with
+    FASTKD_AOT_FULL=1, otherwise the committed table, confirmed by compiling a sample."""
+    if os.environ.get("FASTKD_AOT_FULL") == "1":
+        return _compile(configs, tmp_path_factory)
+    test_committed_table_is_current(configs, table)
+    rows = {(r["key"], r["target"]): r for r in table["rows"]}
+    for fresh in _compile(aot.sample(configs), tmp_path_factory):
+        old = rows[(fresh["key"], fresh["target"])]
+        assert "error" not in fresh, (fresh["kernel"], fresh["error"])
+        assert {k: fresh[k] for k in COMPARED} == {k: old.get(k) for k in COMPARED}, \
+            f"{fresh['kernel']} {fresh['target']}: compiled now {[fresh[k] for k in COMPARED]}, " \
+            f"the table says {[old.get(k) for k in COMPARED]}"
+    return table["rows"]
 
 
 # ------------------------------------------------------------------------------- enumeration
