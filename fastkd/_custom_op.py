@@ -117,12 +117,13 @@ def register_autograd(op, backward, setup_context) -> None:
     impl = getattr(op, "_init_fn", None)  # the decorated function (torch's CustomOpDef)
     if impl is None:
         return  # this torch keeps it elsewhere: :func:`call` then always dispatches
+    params = list(inspect.signature(impl).parameters.values())
     defaults = []
-    for arg in reversed(list(inspect.signature(impl).parameters.values())):
+    for arg in reversed(params):
         if arg.default is inspect.Parameter.empty:
             break
         defaults.insert(0, arg.default)
-    npos = len(inspect.signature(impl).parameters)
+    npos = len(params)
     _EAGER[op] = (impl, setup_context, backward, npos, defaults)
 
 
@@ -169,20 +170,20 @@ class _EagerOp(torch.autograd.Function):
         # The output's structure, for the caller (box) and for backward (ctx).
         box["outs"], box["layout"] = outs, out_layout
         box["single"] = isinstance(output, torch.Tensor)
-        ctx.fastkd_eager = (entry, args, outs, out_layout)
+        ctx.fastkd_eager = (entry, box["in_layout"], outs, out_layout)
         return tuple(out_leaves)
 
     @staticmethod
     def backward(ctx, *grad_leaves):
-        entry, args, outs, out_layout = ctx.fastkd_eager
+        entry, in_layout, outs, out_layout = ctx.fastkd_eager
         grads = entry[2](ctx, *_rebuild(outs, out_layout, grad_leaves))
+        # One gradient per input leaf, in the order of _tensor_leaves(args).
         flat = []
-        for arg, g in zip(args, grads):
-            if isinstance(arg, torch.Tensor):
+        for g, n in zip(grads, in_layout):
+            if n == -1:
                 flat.append(g)
-            elif isinstance(arg, (list, tuple)) and arg and all(
-                    isinstance(x, torch.Tensor) for x in arg):
-                flat.extend(g if g is not None else [None] * len(arg))
+            elif n is not None:
+                flat.extend(g if g is not None else [None] * n)
         return (None, None, None, *flat)
 
 
@@ -205,10 +206,10 @@ def call(op, *args):
         if missing > len(defaults):
             return op(*args)  # let the op report the missing arguments
         args = args + tuple(defaults[len(defaults) - missing:])
-    leaves, _ = _tensor_leaves(args)
+    leaves, layout = _tensor_leaves(args)
     if not _eager_ok(leaves):
         return op(*args)
-    box: dict = {}
+    box: dict = {"in_layout": layout}
     out_leaves = _EagerOp.apply(entry, args, box, *leaves)
     if isinstance(out_leaves, torch.Tensor):
         out_leaves = (out_leaves,)
